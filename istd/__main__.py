@@ -1,0 +1,3 @@
+from istd.cli import main
+
+main()
