@@ -1,0 +1,506 @@
+"""A sans-IO IST connection: bytes in, events out; events in, bytes out. No sockets, no trio.
+
+Theory of operation
+-------------------
+
+Both ends hold a ``Connection``; the joiner connects to the donor (port 4568)::
+
+    Joiner (client)                          Donor (server)
+    connect()  ----------------------------> accept()
+    HANDSHAKE  ---------------------------->         uuid, last applied, range, IST/SST, versions
+               <---------------------------- HANDSHAKE_RESPONSE  granted IST/SST, or refused + reason
+    CTRL(OK)   ---------------------------->         (only if granted)
+               <---------------------------- TRX / CCHANGE / SKIP / BATCH, seqnos first..last
+               <---------------------------- CTRL(EOF)     (follow mode: seqnos go on past last)
+    close()
+    KEEPALIVE may flow either way at any time after the HANDSHAKE.
+    A negative CTRL (-errno) from either side aborts.
+
+The conversation has ONE state, seen identically by both ends, because the messages strictly
+alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, keyed by
+(state, sender role, event kind)::
+
+    HANDSHAKE  --joiner HANDSHAKE-->           RESPONSE
+    RESPONSE   --donor HANDSHAKE_RESPONSE-->   OK         (granted IST or SST)
+    RESPONSE   --donor HANDSHAKE_RESPONSE-->   REFUSED    (refused)
+    OK         --joiner CTRL(OK)-->            STREAMING
+    STREAMING  --donor TRX/CCHANGE/SKIP/BATCH--> STREAMING
+    STREAMING  --donor CTRL(EOF)-->            DONE
+    any state  --either CTRL(-errno)-->        FAILED
+    RESPONSE, OK, STREAMING, DONE, REFUSED --either KEEPALIVE--> unchanged
+
+``send()`` checks the table for our role and raises LocalProtocolError; ``next_event()`` checks it
+for the peer's role and raises RemoteProtocolError. Checks that need more than the table
+(consecutive seqnos, the granted range, the EOF position, a grant consistent with the request)
+run in ``_check()`` for both directions with the exception class of that direction.
+
+Framing: wait for the 24-byte header, check its CRC, version, type and length (against the frame
+limit, and against the state table and the next expected seqno) BEFORE buffering the payload; then
+wait for the payload, check its CRC and parse it. Once we have sent a negative CTRL, frames the peer
+had already sent are checked for framing and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from typing import Literal
+
+from istd.errors import EINVAL, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol._buffer import ReceiveBuffer
+from protocol.events import (
+    C_EOF,
+    C_OK,
+    Accept,
+    ConnectionClosed,
+    Ctrl,
+    Event,
+    Handshake,
+    HandshakeResponse,
+    Keepalive,
+    RecordType,
+    TransferKind,
+    WriteSet,
+    WriteSetBatch,
+)
+from protocol.wire import (
+    EMSGSIZE,
+    F_PRELOAD,
+    HANDSHAKE_VERSION,
+    HEADER_BYTES,
+    I64_MAX,
+    MAX_FRAME_BYTES,
+    MAX_HANDSHAKE_BYTES,
+    SEQNO_NONE,
+    SUPPORTED_VERSIONS,
+    U32_MAX,
+    FrameHeader,
+    FrameType,
+    decode_batch,
+    decode_handshake,
+    decode_response,
+    encode_batch,
+    encode_handshake,
+    encode_response,
+    pack_header,
+    unpack_header,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "TRANSITIONS",
+    "Connection",
+    "Kind",
+    "Role",
+    "State",
+    "negotiate_version",
+]
+
+
+class Role(enum.Enum):
+    JOINER = "JOINER"
+    DONOR = "DONOR"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "HANDSHAKE"  # waiting for the joiner's HANDSHAKE
+    RESPONSE = "RESPONSE"  # waiting for the donor's HANDSHAKE_RESPONSE
+    OK = "OK"  # granted; waiting for the joiner's CTRL(OK)
+    STREAMING = "STREAMING"  # the donor sends write-sets, then CTRL(EOF)
+    DONE = "DONE"  # EOF sent/received: the transfer is complete
+    REFUSED = "REFUSED"  # the donor refused
+    FAILED = "FAILED"  # a negative CTRL went one way or the other
+
+
+class Kind(enum.Enum):
+    """What an event means to the state machine (a HandshakeResponse or a Ctrl can mean several things)."""
+
+    HANDSHAKE = "HANDSHAKE"
+    GRANTED = "HANDSHAKE_RESPONSE(granted)"
+    REFUSED = "HANDSHAKE_RESPONSE(refused)"
+    CTRL_OK = "CTRL(OK)"
+    CTRL_EOF = "CTRL(EOF)"
+    CTRL_ERROR = "CTRL(error)"
+    WRITE_SETS = "write-set"
+    KEEPALIVE = "KEEPALIVE"
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+# next_event() returns this when it needs more bytes: compare with ``is``.
+NEED_DATA: Literal[_Sentinel.NEED_DATA] = _Sentinel.NEED_DATA
+
+_J, _D = Role.JOINER, Role.DONOR
+
+TRANSITIONS: dict[tuple[State, Role, Kind], State] = {
+    (State.HANDSHAKE, _J, Kind.HANDSHAKE): State.RESPONSE,
+    (State.RESPONSE, _D, Kind.GRANTED): State.OK,
+    (State.RESPONSE, _D, Kind.REFUSED): State.REFUSED,
+    (State.OK, _J, Kind.CTRL_OK): State.STREAMING,
+    (State.STREAMING, _D, Kind.WRITE_SETS): State.STREAMING,
+    (State.STREAMING, _D, Kind.CTRL_EOF): State.DONE,
+    # Keepalives: after the HANDSHAKE, either way, even in DONE/REFUSED (one may cross the EOF).
+    **{
+        (state, role, Kind.KEEPALIVE): state
+        for state in (State.RESPONSE, State.OK, State.STREAMING, State.DONE, State.REFUSED)
+        for role in Role
+    },
+    # Errors: from anywhere, either way (two errors may cross; an error may cross the EOF).
+    **{(state, role, Kind.CTRL_ERROR): State.FAILED for state in State for role in Role},
+}
+
+_KIND_OF_FRAME = {
+    FrameType.HANDSHAKE: Kind.HANDSHAKE,
+    FrameType.TRX: Kind.WRITE_SETS,
+    FrameType.CCHANGE: Kind.WRITE_SETS,
+    FrameType.SKIP: Kind.WRITE_SETS,
+    FrameType.BATCH: Kind.WRITE_SETS,
+    FrameType.KEEPALIVE: Kind.KEEPALIVE,
+}
+_HANDSHAKE_FRAMES = frozenset({FrameType.HANDSHAKE, FrameType.HANDSHAKE_RESPONSE})
+_EMPTY_FRAMES = frozenset({FrameType.CTRL, FrameType.KEEPALIVE, FrameType.SKIP})
+_RECORD_FRAMES = frozenset({FrameType.TRX, FrameType.CCHANGE, FrameType.SKIP, FrameType.BATCH})
+_CTRL_MIN = -128  # the ctrl byte is an i8
+
+
+def negotiate_version(theirs: tuple[int, int], ours: tuple[int, int]) -> int | None:
+    """The highest version in both (min, max) ranges, or None if they do not overlap."""
+    low, high = max(theirs[0], ours[0]), min(theirs[1], ours[1])
+    return high if low <= high else None
+
+
+def _ctrl_kind(code: int) -> Kind | None:
+    if code == C_OK:
+        return Kind.CTRL_OK
+    if code == C_EOF:
+        return Kind.CTRL_EOF
+    if _CTRL_MIN <= code < 0:
+        return Kind.CTRL_ERROR
+    return None
+
+
+class Connection:
+    """One end of an IST conversation. See the module docstring for the sequence and the states."""
+
+    def __init__(self, role: Role, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        if not 0 <= max_frame_bytes <= U32_MAX:
+            raise LocalProtocolError(f"max_frame_bytes must be in 0..{U32_MAX}, not {max_frame_bytes}")
+        self.role = role
+        self.max_frame_bytes = max_frame_bytes
+        self._state = State.HANDSHAKE
+        self._buffer = ReceiveBuffer()
+        self._header: FrameHeader | None = None  # parsed header whose payload is still awaited
+        self._peer_closed = False
+        self._error: RemoteProtocolError | None = None  # sticky: the peer is not to be trusted again
+        self._discarding = False  # we sent a negative CTRL: drop what the peer had in flight
+        self.handshake: Handshake | None = None
+        self.granted: HandshakeResponse | None = None
+        self.version: int | None = None  # negotiated protocol version, once granted
+        # Last write-set seqno sent (donor) or received (joiner); granted.first - 1 until the first.
+        self.last_seqno: int | None = None
+
+    # --- public state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def peer_role(self) -> Role:
+        return _D if self.role is _J else _J
+
+    @property
+    def follow(self) -> bool:
+        return self.handshake is not None and self.handshake.follow
+
+    @property
+    def peer_closed(self) -> bool:
+        """True once ``receive_data(b"")`` was called."""
+        return self._peer_closed
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.role.name} state={self._state.name} version={self.version} "
+            f"last_seqno={self.last_seqno} buffered={len(self._buffer)}>"
+        )
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        """The bytes to write for ``event``. Raises LocalProtocolError if the event is not allowed now
+        (wrong state, wrong role, non-consecutive seqno, early EOF, a field that does not fit)."""
+        kind, new_state = self._check(self.role, event, LocalProtocolError)
+        frame = self._encode(event)
+        self._commit(self.role, kind, event, new_state)
+        return frame
+
+    def _encode(self, event: Event) -> bytes:
+        version = self.version if self.version is not None else HANDSHAKE_VERSION
+        if isinstance(event, WriteSetBatch):
+            prefix, data = encode_batch(event)
+            length = len(prefix) + memoryview(data).nbytes
+            self._check_send_length(length, self.max_frame_bytes)
+            crc = zlib.crc32(data, zlib.crc32(prefix))
+            header = pack_header(version, FrameType.BATCH, 0, 0, length, event.first, crc)
+            return b"".join((header, prefix, data))
+        ctrl, seqno, payload = 0, SEQNO_NONE, b""
+        if isinstance(event, Handshake | HandshakeResponse):
+            if isinstance(event, Handshake):
+                ftype, payload = FrameType.HANDSHAKE, encode_handshake(event)
+            else:
+                ftype, payload = FrameType.HANDSHAKE_RESPONSE, encode_response(event)
+            version = HANDSHAKE_VERSION
+            self._check_send_length(len(payload), min(self.max_frame_bytes, MAX_HANDSHAKE_BYTES))
+        elif isinstance(event, Ctrl):
+            ftype, ctrl = FrameType.CTRL, event.code
+        elif isinstance(event, Keepalive):
+            ftype = FrameType.KEEPALIVE
+        else:
+            assert isinstance(event, WriteSet)  # _check() let nothing else through
+            ftype, seqno, payload = FrameType(event.type), event.seqno, event.payload  # type: ignore[assignment]
+            self._check_send_length(memoryview(payload).nbytes, self.max_frame_bytes)
+        length = memoryview(payload).nbytes
+        return b"".join((pack_header(version, ftype, 0, ctrl, length, seqno, zlib.crc32(payload)), payload))
+
+    @staticmethod
+    def _check_send_length(length: int, limit: int) -> None:
+        if length > limit:
+            raise LocalProtocolError(f"frame payload of {length} bytes exceeds the limit of {limit} bytes")
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed its end."""
+        if memoryview(data).nbytes == 0:
+            self._peer_closed = True
+            return
+        if self._peer_closed:
+            raise LocalProtocolError("received data after the peer closed the connection")
+        self._buffer.append(data)
+
+    def next_event(self) -> Event | Literal[_Sentinel.NEED_DATA]:
+        """Parse the next event from the buffered bytes.
+
+        Returns an event, ``NEED_DATA`` if the next frame is not complete yet, or
+        ``ConnectionClosed()`` (again and again) once the peer closed at a frame boundary.
+        Raises RemoteProtocolError, and nothing else, if the peer's bytes are not a valid frame, or
+        not allowed in this state, or the peer closed in the middle of a frame; its ``error_code`` is
+        the Ctrl code to send before closing. After that, every call raises it again.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(f"connection already failed: {self._error}", self._error.error_code)
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Event | Literal[_Sentinel.NEED_DATA]:
+        buffer = self._buffer
+        while True:
+            header = self._header
+            if header is None:
+                if len(buffer) < HEADER_BYTES:
+                    if not self._peer_closed:
+                        return NEED_DATA
+                    if not len(buffer):
+                        return ConnectionClosed()
+                    raise RemoteProtocolError(
+                        "connection closed in the middle of a frame: "
+                        f"got {len(buffer)} of {HEADER_BYTES} bytes"
+                    )
+                header = unpack_header(buffer.peek(HEADER_BYTES))
+                ftype = self._check_framing(header)
+                if not self._discarding:
+                    self._check_early(header, ftype)
+                self._header = header
+            frame_bytes = HEADER_BYTES + header.len
+            if len(buffer) < frame_bytes:
+                if not self._peer_closed:
+                    return NEED_DATA
+                raise RemoteProtocolError(
+                    f"connection closed in the middle of a frame: got {len(buffer)} of {frame_bytes} bytes"
+                )
+            buffer.discard(HEADER_BYTES)
+            payload = buffer.take(header.len) if header.len else b""
+            self._header = None
+            if zlib.crc32(payload) != header.payload_crc:
+                raise RemoteProtocolError(
+                    f"IST message payload checksum mismatch: type: {header.type}, len: {header.len}, "
+                    f"seqno: {header.seqno}",
+                    error_code=-EINVAL,
+                )
+            if self._discarding:
+                continue
+            event = self._decode(FrameType(header.type), header, payload)
+            kind, new_state = self._check(self.peer_role, event, RemoteProtocolError)
+            self._commit(self.peer_role, kind, event, new_state)
+            return event
+
+    def _check_framing(self, h: FrameHeader) -> FrameType:
+        """Header checks that hold in every state. Returns the frame type."""
+        if h.type not in FrameType._value2member_map_:
+            raise RemoteProtocolError(f"unknown IST message type {h.type}")
+        ftype = FrameType(h.type)
+        if ftype in _HANDSHAKE_FRAMES:
+            expected, limit = HANDSHAKE_VERSION, min(self.max_frame_bytes, MAX_HANDSHAKE_BYTES)
+        else:
+            expected = self.version if self.version is not None else HANDSHAKE_VERSION
+            limit = self.max_frame_bytes
+        if h.version != expected:
+            raise RemoteProtocolError(f"invalid protocol version {h.version}, expected {expected}")
+        if h.len > limit:
+            raise RemoteProtocolError(
+                f"{ftype.name} frame of {h.len} bytes exceeds the limit of {limit} bytes",
+                error_code=-EMSGSIZE,
+            )
+        if h.flags & ~F_PRELOAD:
+            raise RemoteProtocolError(f"{ftype.name} frame has unknown flags {h.flags:#x}")
+        if ftype is FrameType.CTRL:
+            if _ctrl_kind(h.ctrl) is None:
+                raise RemoteProtocolError(f"unknown ctrl code {h.ctrl}")
+        elif h.ctrl != 0:
+            raise RemoteProtocolError(f"{ftype.name} frame has ctrl {h.ctrl}, expected 0")
+        if ftype not in _RECORD_FRAMES and h.seqno != SEQNO_NONE:
+            raise RemoteProtocolError(f"{ftype.name} frame has seqno {h.seqno}, expected -1")
+        if ftype in _EMPTY_FRAMES and h.len != 0:
+            raise RemoteProtocolError(f"{ftype.name} frame has a payload of {h.len} bytes, expected none")
+        return ftype
+
+    def _check_early(self, h: FrameHeader, ftype: FrameType) -> None:
+        """Reject from the header alone what the state machine will reject: no payload is buffered."""
+        peer = self.peer_role
+        if ftype is FrameType.HANDSHAKE_RESPONSE:
+            kinds = [Kind.GRANTED, Kind.REFUSED]
+        elif ftype is FrameType.CTRL:
+            kinds = [_ctrl_kind(h.ctrl)]  # type: ignore[list-item]
+        else:
+            kinds = [_KIND_OF_FRAME[ftype]]
+        if not any((self._state, peer, kind) in TRANSITIONS for kind in kinds):
+            what = kinds[0].value if ftype is FrameType.CTRL else ftype.name
+            raise RemoteProtocolError(f"{peer.name} may not send {what} in state {self._state.name}")
+        if ftype in _RECORD_FRAMES:
+            self._check_records(h.seqno, 1, RemoteProtocolError)
+
+    @staticmethod
+    def _decode(ftype: FrameType, h: FrameHeader, payload: bytes) -> Event:
+        if ftype is FrameType.BATCH:
+            return decode_batch(h.seqno, payload)
+        if ftype in (FrameType.TRX, FrameType.CCHANGE, FrameType.SKIP):
+            return WriteSet(h.seqno, RecordType(ftype), payload)
+        if ftype is FrameType.CTRL:
+            return Ctrl(h.ctrl)
+        if ftype is FrameType.KEEPALIVE:
+            return Keepalive()
+        if ftype is FrameType.HANDSHAKE:
+            return decode_handshake(payload)
+        return decode_response(payload)
+
+    # --- the state machine, for both directions --------------------------------------------------
+
+    def _check(self, sender: Role, event: Event, exc: type[ProtocolError]) -> tuple[Kind, State]:
+        """Everything ``event`` from ``sender`` must satisfy now. Pure: changes nothing.
+
+        Returns (kind, new state); raises ``exc`` (Local- or RemoteProtocolError)."""
+        kind = self._kind(event, exc)
+        new_state = TRANSITIONS.get((self._state, sender, kind))
+        if new_state is None:
+            raise exc(f"{sender.name} may not send {kind.value} in state {self._state.name}")
+        if isinstance(event, HandshakeResponse):
+            self._check_response(event, exc)
+        elif isinstance(event, WriteSet):
+            if not isinstance(event.type, RecordType):
+                raise exc(f"WriteSet.type must be a RecordType, not {event.type!r}")
+            if event.type is RecordType.SKIP and memoryview(event.payload).nbytes:
+                raise exc(f"SKIP write-set {event.seqno} has a payload")
+            self._check_records(event.seqno, 1, exc)
+        elif isinstance(event, WriteSetBatch):
+            self._check_records(event.first, len(event), exc)
+        elif kind is Kind.CTRL_EOF:
+            assert self.granted is not None and self.last_seqno is not None  # STREAMING implies both
+            if self.last_seqno < self.granted.last:
+                verb = "sent" if exc is LocalProtocolError else "received"
+                raise exc(
+                    f"IST didn't contain all write sets, expected last: {self.granted.last} "
+                    f"last {verb}: {self.last_seqno}"
+                )
+        return kind, new_state
+
+    def _commit(self, sender: Role, kind: Kind, event: Event, new_state: State) -> None:
+        if isinstance(event, Handshake):
+            self.handshake = event
+        elif isinstance(event, HandshakeResponse):
+            self.granted = event
+            if kind is Kind.GRANTED:
+                self.version = event.version
+                self.last_seqno = event.first - 1
+        elif isinstance(event, WriteSet):
+            self.last_seqno = event.seqno
+        elif isinstance(event, WriteSetBatch):
+            self.last_seqno = event.last
+        elif kind is Kind.CTRL_ERROR and sender is self.role:
+            self._discarding = True
+        self._state = new_state
+
+    @staticmethod
+    def _kind(event: Event, exc: type[ProtocolError]) -> Kind:
+        if isinstance(event, Handshake):
+            return Kind.HANDSHAKE
+        if isinstance(event, HandshakeResponse):
+            return Kind.REFUSED if event.granted == TransferKind.NONE else Kind.GRANTED
+        if isinstance(event, Ctrl):
+            kind = _ctrl_kind(event.code) if isinstance(event.code, int) else None
+            if kind is None:
+                raise exc(f"unknown ctrl code {event.code!r} (0 OK, 1 EOF, -128..-1 -errno)")
+            return kind
+        if isinstance(event, WriteSet | WriteSetBatch):
+            return Kind.WRITE_SETS
+        if isinstance(event, Keepalive):
+            return Kind.KEEPALIVE
+        raise exc(f"{type(event).__name__} is not an event that can be sent")
+
+    def _check_response(self, resp: HandshakeResponse, exc: type[ProtocolError]) -> None:
+        """A grant must match what the joiner asked for (the donor cannot grant what was not asked)."""
+        hs = self.handshake
+        assert hs is not None  # state RESPONSE implies a Handshake was seen
+        if resp.granted == TransferKind.NONE:
+            return
+        low, high = hs.versions
+        ours_low, ours_high = SUPPORTED_VERSIONS
+        if not (low <= resp.version <= high and ours_low <= resp.version <= ours_high):
+            raise exc(
+                f"granted protocol version {resp.version} is not in the joiner's range {low}..{high} "
+                f"and ours {ours_low}..{ours_high}"
+            )
+        if resp.granted == TransferKind.SST:
+            if not hs.accept & Accept.SST:
+                raise exc("donor granted SST, but the joiner does not accept SST")
+            return
+        if not hs.accept & Accept.IST:
+            raise exc("donor granted IST, but the joiner does not accept IST")
+        if resp.donor_uuid != hs.cluster_uuid:
+            raise exc(f"donor granted IST of history {resp.donor_uuid}, joiner asked for {hs.cluster_uuid}")
+        if resp.first != hs.first:
+            raise exc(f"donor granted IST from seqno {resp.first}, joiner asked from {hs.first}")
+        if hs.last != SEQNO_NONE and resp.last > hs.last:
+            raise exc(f"donor granted IST up to seqno {resp.last}, joiner asked up to {hs.last}")
+
+    def _check_records(self, first: int, count: int, exc: type[ProtocolError]) -> None:
+        """Records first .. first+count-1 must continue the stream and stay in the granted range."""
+        granted, last_seqno = self.granted, self.last_seqno
+        assert granted is not None and last_seqno is not None  # STREAMING implies both
+        expected = last_seqno + 1
+        if first != expected:
+            if last_seqno == granted.first - 1:
+                raise exc(f"IST started with wrong seqno: {first}, expected: {expected}")
+            raise exc(f"Unexpected action seqno: {first} expected: {expected}")
+        last = first + count - 1
+        if last > granted.last and not self.follow:
+            raise exc(f"write-set seqno {last} is past the granted last seqno {granted.last} (not following)")
+        if last > I64_MAX:
+            raise exc(f"write-set seqno {last} overflows int64")
