@@ -14,22 +14,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gcache import parse_size
 from istd.errors import ConfigError
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
 _DURATION_RE = re.compile(
     r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
     r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
 )
-
-
-def parse_size(text: str) -> int:
-    """``128M`` -> 134217728. Galera's units K, M, G, T are powers of 1024; a plain number is bytes."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ValueError(f"expected a size like 128M, 1G or 4096, got {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
 
 
 def format_size(n: int) -> str:

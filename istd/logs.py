@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import IO, Any
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 LOG_FORMATS = ("auto", "console", "json")
 
 
-def _add_logger_name(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_logger_name(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     record = event_dict.get("_record")
     if record is not None and record.name and not record.name.startswith("istd.daemon"):
         event_dict.setdefault("logger", record.name)

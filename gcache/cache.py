@@ -1,0 +1,957 @@
+"""GCache: Galera 4's write-set cache file, synchronous and mmap-based.
+
+Theory of operation
+-------------------
+The ring buffer lives in [1280, 1280+size) of the file (see ``format.py``). Buffers are written at
+``next`` and reclaimed at ``first``; a zero header always sits at ``next`` (the file has 24 spare bytes
+after the ring so that it fits even at the very end).
+
+Unwrapped (first <= next)::
+
+    1280        first                        next                 ring end
+     |  free    |#### buffers, oldest first ####|0|   free            |   (+24)
+
+Wrapped (next < first)::
+
+    1280                 next           first               rollover  ring end
+     |#### newest ####|0|     free     |#### oldest #########|0|  unused |
+
+A buffer of ``n`` bytes goes at ``next`` if it fits before the ring end (unwrapped), or before
+``first - 24`` (wrapped: the trailing zero header must never overwrite the oldest buffer's header). If it
+does not fit at the end, the zero header at ``next`` stays as the rollover mark and writing resumes at
+1280. To make room, the buffer at ``first`` is reclaimed: if it still holds a cached seqno ``s``, every
+seqno <= ``s`` is evicted (the cached range stays gapless), which is refused when ``s`` is at or above
+the lowest locked seqno. A reclaimed buffer is marked ``seqno_g = -1`` in place, as Galera does, so that a
+later recovery never resurrects a half-overwritten buffer. Eviction happens only when an append needs
+room. A buffer larger than half the ring, or one the ring cannot make room for (locks), goes to an
+overflow page file instead (``gcache.page.000000``, ...), with the same header (store = PAGE).
+
+The seqno index is four parallel arrays indexed by ``seqno - base`` (live from ``lo``): payload offset,
+payload length, type|skipped, and where (0 = ring, else the page id). Evicting only moves ``lo``.
+
+New buffers are written zero-header-first, then body, then header; whatever instant a process dies at,
+the file holds whole buffers, one buffer whose checksum fails, and reclaimed (-1) buffers. The kernel
+keeps the written pages, so a crash of the process loses nothing; ``sync=True`` also msyncs every append
+so that an OS crash loses nothing either.
+
+Not thread-safe: use one GCache from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import re
+import struct
+import uuid
+import zlib
+from array import array
+from collections.abc import Sequence
+from itertools import accumulate
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from istd.errors import GcacheCorrupt, GcacheError, GcacheFull, SeqnoNotInCache
+
+from . import format as fmt
+from .format import (
+    BH,
+    BH_MARK,
+    BH_SIZE,
+    CRC_PREFIX,
+    FILE_OVERHEAD,
+    MAGIC_CTX,
+    NIL_UUID,
+    PREAMBLE_LEN,
+    RELEASED,
+    RING_START,
+    SEQNO_ILL,
+    SKIPPED,
+    STORE_PAGE,
+    STORE_RB,
+    WRITESET,
+    ZERO_BH,
+    Preamble,
+)
+from .recovery import read_preamble, recover_ring
+
+log = logging.getLogger("istd.gcache")
+
+MiB = 1 << 20
+PAGE_NAME_RE = re.compile(r"gcache\.page\.\d{6}")
+COMPACT_MIN_ENTRIES = 4096  # evicted index entries are dropped from the arrays in batches of at least this
+_SEQ_SIZE_S = struct.Struct("<q8xI")  # seqno_g and size of a header
+_new = tuple.__new__
+
+
+class Record(NamedTuple):
+    """A cached write-set. ``payload`` points into the cache file's mapping: it stays valid until the
+    next append, unless its seqno is locked (or above a locked seqno)."""
+
+    seqno: int
+    type: int
+    skipped: bool
+    payload: memoryview
+
+
+_TYPE_OF = tuple((m & 0xFF) - 256 if m & 0x80 else m & 0xFF for m in range(512))
+_SKIP_OF = tuple(bool(m & 0x100) for m in range(512))
+
+
+class _Page:
+    __slots__ = ("count", "id", "max_seqno", "min_seqno", "mm", "mv", "path", "size", "used")
+
+    def __init__(self, page_id: int, path: str, size: int, mm: mmap.mmap) -> None:
+        self.id = page_id
+        self.path = path
+        self.size = size
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.used = 0
+        self.count = 0
+        self.min_seqno = -1
+        self.max_seqno = -1
+
+
+def _allocate(fd: int, size: int, path: str) -> None:
+    os.ftruncate(fd, size)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:  # not supported here: the sparse file still works, with SIGBUS on ENOSPC
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise GcacheError(f"cannot allocate {size} bytes for {path}: {exc.strerror}") from exc
+
+
+def _write_buffer(mm: Any, pos: int, gcrc: int, seqno: int, total: int, flags: int, store: int,
+                  type_: int, payload: Any, n: int) -> None:
+    """Payload, then the padding length byte, then the header: a torn write fails the checksum."""
+    crc = zlib.crc32(payload, zlib.crc32(CRC_PREFIX.pack(seqno, total, flags, store, type_), gcrc))
+    body = pos + BH_SIZE
+    mm[body:body + n] = payload
+    mm[pos + total - 1] = total - BH_SIZE - n
+    BH.pack_into(mm, pos, seqno, MAGIC_CTX | crc, total, flags, store, type_)
+
+
+class GCache:
+    """The write-set cache (``galera.cache`` plus overflow pages). Create with :meth:`open`."""
+
+    def __init__(self, path: str, mm: mmap.mmap, pre: Preamble, *, readonly: bool, page_size: int,
+                 keep_pages_size: int, sync: bool) -> None:
+        self._path = path
+        self._dir = os.path.dirname(os.path.abspath(path))
+        self._mm = mm
+        self._mv = memoryview(mm)
+        self._file_size = len(mm)
+        self._ring_size = self._file_size - FILE_OVERHEAD
+        self._ring_end = RING_START + self._ring_size
+        self._readonly = readonly
+        self._page_size = page_size
+        self._keep_pages_size = keep_pages_size
+        self._sync = sync
+        self._gid = pre.gid
+        self._gid_crc = fmt.gid_crc(pre.gid)
+        self._first = RING_START
+        self._next = RING_START
+        self._rollover: int | None = None
+        self._base = 1
+        self._lo = 0
+        self._pos = array("q")
+        self._len = array("q")
+        self._meta = array("H")
+        self._where = array("i")
+        self._next_seqno = 1
+        self._locks: dict[int, int] = {}
+        self._locked: int | None = None
+        self._pages: list[_Page] = []
+        self._views: dict[int, memoryview] = {0: self._mv}
+        self._page_counter = 0
+        self._pages_created = 0
+        self._pages_deleted = 0
+        self._appended = 0
+        self._evicted = 0
+        self._closed = False
+        self._mapped = True
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, size: int | str = 128 * MiB, recover: bool = True,
+             page_size: int | str = 128 * MiB, keep_pages_size: int | str = 0, sync: bool = False,
+             readonly: bool = False) -> GCache:
+        """Open (or create) a gcache file.
+
+        A missing or empty file is created (GID = nil until :meth:`reset`). An existing file is recovered:
+        after a clean close from the preamble, otherwise by scanning the ring (``recover=True``, Galera 4's
+        default) or by discarding its history (``recover=False``). A file of another size is re-created
+        empty ("GCache size changed ... history reset"), keeping its GID. Leftover page files are deleted.
+        ``readonly=True`` never writes (``istd gcache inspect``); the size then comes from the file.
+
+        Raises GcacheCorrupt if the file is not a gcache at all (bad preamble, unsupported version,
+        shorter than the fixed header), GcacheError for I/O errors, ValueError for bad arguments.
+        """
+        path = os.fspath(path)
+        size_b, page_b, keep_b = (fmt.parse_size(v) for v in (size, page_size, keep_pages_size))
+        if size_b < fmt.MIN_SIZE_BYTES:
+            raise ValueError(f"gcache.size must be at least {fmt.MIN_SIZE_BYTES} bytes, got {size_b}")
+        if page_b < 1:
+            raise ValueError(f"gcache.page_size must be positive, got {page_b}")
+        if readonly:
+            return cls._open_readonly(path, recover)
+        expected = size_b + FILE_OVERHEAD
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+        except OSError as exc:
+            raise GcacheError(f"cannot open gcache file {path}: {exc.strerror}") from exc
+        try:
+            file_size = os.fstat(fd).st_size
+            wipe = True
+            if file_size == 0:
+                pre = Preamble(fmt.VERSION, NIL_UUID)
+                log.info("Creating GCache ring buffer %s of %d bytes", path, size_b)
+            else:
+                pre = read_preamble(path, os.pread(fd, PREAMBLE_LEN, 0), file_size)
+                if file_size != expected:
+                    log.warning("GCache size changed from %d to %d bytes (%s): history reset",
+                                file_size - FILE_OVERHEAD, size_b, path)
+                elif pre.gid == NIL_UUID:
+                    log.info("Skipped GCache ring buffer recovery: could not determine history UUID.")
+                elif not pre.synced and not recover:
+                    log.warning("GCache ring buffer %s was not closed cleanly and gcache.recover is off: "
+                                "history reset", path)
+                else:
+                    wipe = False
+            if wipe:
+                os.ftruncate(fd, RING_START)  # zero the whole ring cheaply: nothing old can resurface
+                _allocate(fd, expected, path)
+            mm = mmap.mmap(fd, expected)
+        except OSError as exc:
+            raise GcacheError(f"cannot open gcache file {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        gc = cls(path, mm, pre, readonly=False, page_size=page_b, keep_pages_size=keep_b, sync=sync)
+        try:
+            gc._write_preamble(synced=False)  # from now on a crash leaves an unsynced file
+            if not wipe:
+                gc._recover(pre)
+            else:
+                mm[RING_START:RING_START + BH_SIZE] = ZERO_BH
+            gc._delete_leftover_pages()
+        except BaseException:
+            gc._release()
+            raise
+        return gc
+
+    @classmethod
+    def _open_readonly(cls, path: str, recover: bool) -> GCache:
+        try:
+            with open(path, "rb") as f:
+                file_size = os.fstat(f.fileno()).st_size
+                pre = read_preamble(path, f.read(PREAMBLE_LEN), file_size)
+                mm = mmap.mmap(f.fileno(), file_size, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise GcacheError(f"cannot open gcache file {path}: {exc.strerror}") from exc
+        gc = cls(path, mm, pre, readonly=True, page_size=1, keep_pages_size=0, sync=False)
+        if pre.gid == NIL_UUID:
+            log.info("Skipped GCache ring buffer recovery: could not determine history UUID.")
+        elif pre.synced or recover:
+            gc._recover(pre)
+        return gc
+
+    def _recover(self, pre: Preamble) -> None:
+        rec = recover_ring(self._mv, self._ring_end, pre)
+        run = rec.run
+        if not run:
+            self._next_seqno = 1
+            self._base = 1
+            if not self._readonly:
+                for p in rec.discard:
+                    BH_MARK.pack_into(self._mm, p.offset, SEQNO_ILL, MAGIC_CTX)
+                self._ring_reset_positions()
+            return
+        self._base = run[0].seqno
+        self._pos = array("q", [p.offset + BH_SIZE for p in run])
+        self._len = array("q", [p.length for p in run])
+        self._meta = array("H", [(p.type & 0xFF) | (0x100 if p.flags & SKIPPED else 0) for p in run])
+        self._where = array("i", bytes(4 * len(run)))
+        self._next_seqno = run[-1].seqno + 1
+        self._first, self._next, self._rollover = rec.first, rec.next, rec.rollover
+        if self._readonly:
+            return
+        mm = self._mm
+        for p in rec.discard:
+            BH_MARK.pack_into(mm, p.offset, SEQNO_ILL, MAGIC_CTX)
+        while self._rollover is not None and self._next + BH_SIZE > self._first:
+            self._reclaim_one()  # no locks yet: always succeeds
+            if self._first == self._next:
+                self._ring_reset_positions()
+        mm[self._next:self._next + BH_SIZE] = ZERO_BH
+        if rec.foreign:
+            # Galera leaves old buffers in free space; zero it so that a torn write of ours can never
+            # complete one of them into a plausible-looking buffer.
+            if self._rollover is None:
+                mm[self._next:self._ring_end + BH_SIZE] = bytes(self._ring_end + BH_SIZE - self._next)
+                mm[RING_START:self._first] = bytes(self._first - RING_START)
+            else:
+                mm[self._next:self._first] = bytes(self._first - self._next)
+
+    def _delete_leftover_pages(self) -> None:
+        try:
+            names = sorted(os.listdir(self._dir))
+        except OSError:
+            return
+        for name in names:
+            if PAGE_NAME_RE.fullmatch(name):
+                full = os.path.join(self._dir, name)
+                try:
+                    os.unlink(full)
+                    log.info("Deleted page %s", full)
+                except OSError as exc:
+                    log.warning("Could not delete leftover page %s: %s", full, exc.strerror)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def gid(self) -> uuid.UUID:
+        return self._gid
+
+    @property
+    def seqno_min(self) -> int:
+        """Lowest cached seqno, -1 when empty (this is wsrep_local_cached_downto)."""
+        return self._base + self._lo if self._lo < len(self._pos) else -1
+
+    @property
+    def seqno_max(self) -> int:
+        """Highest cached seqno, -1 when empty."""
+        return self._base + len(self._pos) - 1 if self._lo < len(self._pos) else -1
+
+    @property
+    def next_seqno(self) -> int:
+        """The seqno the next append gets: seqno_max + 1, or the reset position + 1 when empty."""
+        return self._next_seqno
+
+    @property
+    def seqno_locked(self) -> int | None:
+        """Lowest locked seqno, None if nothing is locked."""
+        return self._locked
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._pos) - self._lo
+
+    def __contains__(self, seqno: object) -> bool:
+        return isinstance(seqno, int) and self._lo <= seqno - self._base < len(self._pos)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._gid}:{self.seqno_min}-{self.seqno_max}"
+        return f"<GCache {self._path} {state}>"
+
+    def __enter__(self) -> GCache:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ history
+
+    def reset(self, gid: uuid.UUID, seqno: int) -> None:
+        """Galera's ``seqno_reset(gid, seqno)``: make the cache consistent with the node's position.
+
+        Same gid and ``seqno_max >= seqno``: drop only the seqnos above ``seqno`` (none if equal). Otherwise
+        discard every cached write-set, adopt ``gid``; the next append is ``seqno + 1``. The preamble
+        gets the new GID at once. Raises GcacheError if a locked seqno would be dropped.
+        """
+        self._check_writable()
+        if not isinstance(gid, uuid.UUID):
+            raise TypeError(f"gid must be a uuid.UUID, got {type(gid).__name__}")
+        if seqno < -1:
+            raise ValueError(f"seqno must be >= -1, got {seqno}")
+        smax = self.seqno_max
+        if gid == self._gid and smax >= seqno and smax >= 0:
+            if seqno < smax:
+                self._drop_tail(seqno)
+            return
+        if gid == self._gid and smax < 0 and seqno == self._next_seqno - 1:
+            return
+        if self._locks:
+            raise GcacheError(f"cannot reset the gcache history to {gid}:{seqno} while seqnos are locked "
+                              f"(lowest {self._locked}): unlock them first")
+        old_pos = smax if smax >= 0 else self._next_seqno - 1
+        log.info("GCache history reset: %s:%d -> %s:%d", self._gid, old_pos, gid, seqno)
+        self._mark_ring_discarded()
+        for page in list(self._pages):
+            self._delete_page(page)
+        self._base = self._next_seqno = seqno + 1
+        self._lo = 0
+        del self._pos[:], self._len[:], self._meta[:], self._where[:]
+        self._ring_reset_positions()
+        self._gid = gid
+        self._gid_crc = fmt.gid_crc(gid)
+        self._write_preamble(synced=False)
+        if self._sync:
+            self._mm.flush()
+
+    def _drop_tail(self, seqno: int) -> None:
+        i0 = seqno + 1 - self._base
+        for s, n in self._locks.items():
+            if s > seqno and n:
+                raise GcacheError(f"cannot drop seqnos above {seqno}: seqno {s} is locked")
+        log.info("GCache: discarding seqnos %d-%d beyond %s:%d", max(seqno + 1, self.seqno_min),
+                 self.seqno_max, self._gid, seqno)
+        mm = self._mm
+        if i0 <= self._lo:
+            self._mark_ring_discarded()  # also buffers evicted but not reclaimed yet
+        else:
+            for i in range(i0, len(self._pos)):
+                if self._where[i] == 0:
+                    BH_MARK.pack_into(mm, self._pos[i] - BH_SIZE, SEQNO_ILL, MAGIC_CTX)
+        if i0 <= self._lo:
+            del self._pos[:], self._len[:], self._meta[:], self._where[:]
+            self._base, self._lo = seqno + 1, 0
+        else:
+            del self._pos[i0:], self._len[i0:], self._meta[i0:], self._where[i0:]
+        self._next_seqno = seqno + 1
+        for page in list(self._pages):
+            if page.min_seqno > seqno:
+                self._delete_page(page)
+            elif page.max_seqno > seqno:
+                page.max_seqno = seqno
+        self._advance_first_over_dead()
+        if self._sync:
+            self._mm.flush()
+
+    def _mark_ring_discarded(self) -> None:
+        """Mark every buffer between first and next discarded (-1), so none can come back."""
+        mm = self._mm
+        pos, end = self._first, self._next
+        steps = 0
+        while pos != end and steps <= self._ring_size // BH_SIZE:
+            steps += 1
+            seqno, size = _SEQ_SIZE_S.unpack_from(mm, pos)
+            if size == 0:
+                pos = RING_START
+                continue
+            if size < BH_SIZE or size & 7:
+                break
+            if seqno != SEQNO_ILL:
+                BH_MARK.pack_into(mm, pos, SEQNO_ILL, MAGIC_CTX)
+            pos += size
+
+    # ------------------------------------------------------------------ ring allocation
+
+    def _ring_reset_positions(self) -> None:
+        self._first = self._next = RING_START
+        self._rollover = None
+        self._mm[RING_START:RING_START + BH_SIZE] = ZERO_BH
+
+    def _reclaim_one(self) -> bool:
+        """Reclaim the buffer at ``first``. False if it holds a seqno that may not be evicted (locked)."""
+        mm = self._mm
+        f = self._first
+        seqno, size = _SEQ_SIZE_S.unpack_from(mm, f)
+        if size == 0:  # rollover mark
+            self._first = RING_START
+            self._rollover = None
+            return True
+        if size < BH_SIZE or size & 7 or f + size > self._ring_end:
+            raise GcacheCorrupt(f"{self._path}: ring buffer chain broken at offset {f} (size {size}); "
+                                "was the file modified by another process? Move it away to start empty")
+        i = seqno - self._base
+        if self._lo <= i < len(self._pos) and self._pos[i] == f + BH_SIZE and self._where[i] == 0:
+            if self._locked is not None and seqno >= self._locked:
+                return False
+            self._evict_upto(seqno)
+        if seqno != SEQNO_ILL:
+            BH_MARK.pack_into(mm, f, SEQNO_ILL, MAGIC_CTX)
+        self._first = f + size
+        return True
+
+    def _ring_alloc(self, total: int, want: int) -> int | None:
+        """Find room for a ``total``-byte buffer at ``next``, reclaiming buffers at ``first`` as needed
+        (preferably room for ``want`` bytes, so that a batch is written contiguously). Returns the header
+        offset, or None if locked seqnos leave no room."""
+        mm = self._mm
+        unpack = _SEQ_SIZE_S.unpack_from
+        mark = BH_MARK.pack_into
+        while True:
+            f, n = self._first, self._next
+            if f == n:
+                if n != RING_START or self._rollover is not None:
+                    self._ring_reset_positions()
+                return RING_START
+            if f < n:
+                if n + total <= self._ring_end:
+                    return n
+                start = RING_START
+            else:
+                start = n
+            if f - start - BH_SIZE >= want:
+                break
+            # Reclaim at first until there is room for `want`, the rollover mark or next is reached,
+            # or a locked seqno blocks. The same steps as _reclaim_one(), inlined: this is the hot loop
+            # of a full ring.
+            target = start + BH_SIZE + want
+            base, lo, index, where = self._base, self._lo, self._pos, self._where
+            npos = len(index)
+            locked = self._locked
+            blocked = False
+            size = -1
+            while f < target and f != n:
+                seqno, size = unpack(mm, f)
+                if size == 0:
+                    break
+                if size < BH_SIZE or size & 7 or f + size > self._ring_end:
+                    self._first = f
+                    self._evict_to(lo)
+                    self._reclaim_one()  # raises GcacheCorrupt
+                i = seqno - base
+                if lo <= i < npos and index[i] == f + BH_SIZE and where[i] == 0:
+                    if locked is not None and seqno >= locked:
+                        blocked = True
+                        break
+                    lo = i + 1
+                if seqno != SEQNO_ILL:
+                    mark(mm, f, SEQNO_ILL, MAGIC_CTX)
+                f += size
+            self._first = f
+            self._evict_to(lo)
+            if size == 0 and f != n:  # reached the rollover mark: the end of the ring is free now
+                self._first = RING_START
+                self._rollover = None
+                continue
+            if blocked:
+                if f - start - BH_SIZE >= total:
+                    break
+                return None
+        if start != n:  # wrap: the zero header at next stays as the rollover mark
+            self._rollover = n
+            self._next = RING_START
+        return start
+
+    def _advance_first_over_dead(self) -> None:
+        """Reclaim buffers at ``first`` that no longer hold a cached seqno (after page trimming)."""
+        mm = self._mm
+        while self._first != self._next:
+            f = self._first
+            seqno, size = _SEQ_SIZE_S.unpack_from(mm, f)
+            if size:
+                i = seqno - self._base
+                if self._lo <= i < len(self._pos) and self._pos[i] == f + BH_SIZE and self._where[i] == 0:
+                    return
+            self._reclaim_one()
+        self._ring_reset_positions()
+
+    def _evict_upto(self, seqno: int) -> None:
+        self._evict_to(seqno - self._base + 1)
+
+    def _evict_to(self, k: int) -> None:
+        """Evict index entries below ``k`` (seqnos below base + k)."""
+        k = min(k, len(self._pos))
+        if k <= self._lo:
+            return
+        self._evicted += k - self._lo
+        self._lo = k
+        if self._pages:
+            smin = self._base + k
+            for page in list(self._pages):
+                if page.max_seqno < smin:
+                    self._delete_page(page)
+        if k >= COMPACT_MIN_ENTRIES and 2 * k > len(self._pos):
+            del self._pos[:k], self._len[:k], self._meta[:k], self._where[:k]
+            self._base += k
+            self._lo = 0
+
+    # ------------------------------------------------------------------ pages
+
+    def _new_page(self, need: int) -> _Page:
+        size = max(self._page_size, need)
+        name = os.path.join(self._dir, f"gcache.page.{self._page_counter:06d}")
+        self._page_counter += 1
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o660)
+            try:
+                _allocate(fd, size, name)
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except (OSError, GcacheError) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            what = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise GcacheFull(f"Cannot create new cache page: {name}: {what}. The ring buffer is full of "
+                             f"locked write-sets (lowest locked seqno {self._locked}); free disk space in "
+                             f"{self._dir} or raise gcache.size") from exc
+        page = _Page(self._page_counter, name, size, mm)
+        self._pages.append(page)
+        self._views[page.id] = page.mv
+        self._pages_created += 1
+        log.info("Created page %s of size %d bytes", name, size)
+        return page
+
+    def _delete_page(self, page: _Page) -> None:
+        self._pages.remove(page)
+        del self._views[page.id]
+        page.mv.release()
+        with contextlib.suppress(BufferError):  # a caller still holds views: the mapping dies with them
+            page.mm.close()
+        try:
+            os.unlink(page.path)
+        except OSError as exc:
+            log.warning("Could not delete page %s: %s", page.path, exc.strerror)
+        self._pages_deleted += 1
+        log.info("Deleted page %s", page.path)
+
+    def _page_put(self, seqno: int, total: int, flags: int, type_: int, payload: Any,
+                  n: int) -> tuple[int, int]:
+        page = self._pages[-1] if self._pages else None
+        if page is None or page.size - page.used < total:
+            page = self._new_page(total)
+        pos = page.used
+        _write_buffer(page.mm, pos, self._gid_crc, seqno, total, flags, STORE_PAGE, type_, payload, n)
+        page.used += total
+        page.count += 1
+        if page.min_seqno < 0:
+            page.min_seqno = seqno
+        page.max_seqno = seqno
+        return page.id, pos + BH_SIZE
+
+    def _trim_pages(self) -> None:
+        while self._pages and sum(p.size for p in self._pages) > self._keep_pages_size:
+            page = self._pages[0]
+            if self._locked is not None and page.max_seqno >= self._locked:
+                return
+            if page.max_seqno < self._base + self._lo:
+                self._delete_page(page)
+            else:
+                self._evict_upto(page.max_seqno)
+        self._advance_first_over_dead()
+
+    # ------------------------------------------------------------------ appending
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise GcacheError(f"{self._path}: gcache is closed")
+        if self._readonly:
+            raise GcacheError(f"{self._path}: gcache was opened read-only")
+
+    def append(self, payload: Any, type: int = WRITESET, *, seqno: int | None = None,
+               skipped: bool = False) -> int:
+        """Cache one write-set (bytes-like) and return its seqno (``next_seqno`` unless given; a given
+        seqno must equal ``next_seqno``). Raises GcacheError (out of order, closed, read-only) or
+        GcacheFull (no room in the ring and no page could be created)."""
+        self._check_writable()
+        s = self._next_seqno
+        if seqno is not None and seqno != s:
+            raise GcacheError(f"append: seqno {seqno} out of order, the next seqno is {s}")
+        if s < 1:
+            raise GcacheError(f"append: no valid position (next seqno {s}); call reset(gid, seqno) first")
+        if not -128 <= type <= 127:
+            raise ValueError(f"type must fit in a signed byte, got {type}")
+        n = len(payload)
+        total = (n + BH_SIZE + 8) & -8
+        flags = RELEASED | (SKIPPED if skipped else 0)
+        pos = self._ring_alloc(total, total) if total <= self._ring_size // 2 else None
+        if pos is None:
+            where, p = self._page_put(s, total, flags, type, payload, n)
+        else:
+            mm = self._mm
+            end = pos + total
+            mm[end:end + BH_SIZE] = ZERO_BH
+            _write_buffer(mm, pos, self._gid_crc, s, total, flags, STORE_RB, type, payload, n)
+            self._next = end
+            where, p = 0, pos + BH_SIZE
+        self._pos.append(p)
+        self._len.append(n)
+        self._meta.append((type & 0xFF) | (0x100 if skipped else 0))
+        self._where.append(where)
+        self._next_seqno = s + 1
+        self._appended += 1
+        if self._sync:
+            self._flush_all()
+        return s
+
+    def append_many(self, payloads: Sequence[Any], types: bytes | None = None, *,
+                    first: int | None = None) -> tuple[int, int]:
+        """Cache consecutive write-sets (bytes-likes) at ``next_seqno`` (``first``, if given, must equal
+        it); ``types`` holds one type byte (0..127) per write-set, default all WRITESET. Returns
+        ``(first, last)`` (``last = first - 1`` for an empty batch). Errors as :meth:`append`; on
+        GcacheFull the write-sets before the failing one stay cached."""
+        self._check_writable()
+        count = len(payloads)
+        s0 = self._next_seqno
+        if first is not None and first != s0:
+            raise GcacheError(f"append_many: first seqno {first} out of order, the next seqno is {s0}")
+        if s0 < 1:
+            raise GcacheError(f"append_many: no valid position (next seqno {s0}); call reset() first")
+        if types is not None:
+            if len(types) != count:
+                raise ValueError(f"append_many: {len(types)} types for {count} payloads")
+            if count and max(types) > 127:
+                raise ValueError("append_many: types must be 0..127")
+            tys = bytes(types)
+        else:
+            tys = bytes(count)
+        if count == 0:
+            return s0, s0 - 1
+        lens = [len(p) for p in payloads]
+        totals = [(n + 32) & -8 for n in lens]
+        cum = list(accumulate(totals, initial=0))  # cum[k]: bytes of write-sets [0, k)
+        half = self._ring_size // 2
+        big = [k for k, t in enumerate(totals) if t > half]  # these go to pages (as in Galera)
+        i = 0
+        try:
+            while i < count:
+                t = totals[i]
+                pos = self._ring_alloc(t, min(cum[-1] - cum[i], self._ring_size)) if t <= half else None
+                if pos is None:
+                    ty = tys[i]
+                    where, p_off = self._page_put(s0 + i, t, RELEASED, ty, payloads[i], lens[i])
+                    self._pos.append(p_off)
+                    self._len.append(lens[i])
+                    self._meta.append(ty)
+                    self._where.append(where)
+                    self._next_seqno = s0 + i + 1
+                    i += 1
+                    continue
+                limit = self._first - BH_SIZE if self._rollover is not None else self._ring_end
+                # the longest run i..j-1 that fits contiguously at pos, stopping before a page-bound one
+                j = bisect.bisect_right(cum, cum[i] + limit - pos, i + 1) - 1
+                if big:
+                    k = bisect.bisect_right(big, i)
+                    if k < len(big):
+                        j = min(j, big[k])
+                self._put_run(pos, payloads, lens, totals, tys, cum, s0, i, j)
+                i = j
+        finally:
+            self._appended += self._next_seqno - s0
+            if self._sync:
+                self._flush_all()
+        return s0, s0 + count - 1
+
+    def _put_run(self, pos: int, payloads: Sequence[Any], lens: list[int], totals: list[int], tys: bytes,
+                 cum: list[int], s0: int, i: int, j: int) -> None:
+        """Write write-sets i..j-1 contiguously at ``pos`` (room already made), zero header first."""
+        mm = self._mm
+        end = pos + cum[j] - cum[i]
+        mm[end:end + BH_SIZE] = ZERO_BH
+        crc32 = zlib.crc32
+        pfx = CRC_PREFIX.pack
+        put_bh = BH.pack_into
+        gcrc = self._gid_crc
+        cur = pos
+        s = s0 + i
+        for p, n, t, ty in zip(payloads[i:j], lens[i:j], totals[i:j], tys[i:j], strict=True):
+            c = crc32(p, crc32(pfx(s, t, RELEASED, STORE_RB, ty), gcrc))
+            b = cur + BH_SIZE
+            mm[b:b + n] = p
+            mm[cur + t - 1] = t - BH_SIZE - n
+            put_bh(mm, cur, s, MAGIC_CTX | c, t, RELEASED, STORE_RB, ty)
+            cur += t
+            s += 1
+        off = pos + BH_SIZE - cum[i]
+        self._pos.extend([off + c for c in cum[i:j]])
+        self._len.extend(lens[i:j])
+        self._meta.extend(tys[i:j])
+        self._where.frombytes(bytes(4 * (j - i)))
+        self._next = end
+        self._next_seqno = s0 + j
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, seqno: int) -> Record:
+        """The cached write-set ``seqno``; SeqnoNotInCache if it is not cached. See :class:`Record` for
+        how long the payload view stays valid."""
+        i = seqno - self._base
+        if not self._lo <= i < len(self._pos) or self._closed:
+            raise SeqnoNotInCache(f"seqno {seqno} not in cache ({self._range_text()})")
+        p = self._pos[i]
+        m = self._meta[i]
+        view = self._views[self._where[i]]
+        return _new(Record, (seqno, _TYPE_OF[m], _SKIP_OF[m], view[p:p + self._len[i]]))
+
+    def get_range(self, first: int, last: int) -> list[Record]:
+        """Write-sets ``first..last`` inclusive (empty list if ``last < first``), as zero-copy views into
+        the mapping. SeqnoNotInCache if any of them is not cached."""
+        if last < first:
+            return []
+        i0 = first - self._base
+        i1 = last - self._base + 1
+        if i0 < self._lo or i1 > len(self._pos) or self._closed:
+            raise SeqnoNotInCache(f"seqnos {first}-{last} not in cache ({self._range_text()})")
+        pos = self._pos[i0:i1]
+        lens = self._len[i0:i1]
+        meta = self._meta[i0:i1]
+        T, K = _TYPE_OF, _SKIP_OF
+        seqnos = range(first, last + 1)
+        if self._pages:
+            wh = self._where[i0:i1]
+            if any(wh):
+                views = self._views
+                return [_new(Record, (s, T[m], K[m], views[w][p:p + n]))
+                        for s, p, n, m, w in zip(seqnos, pos, lens, meta, wh, strict=True)]
+        mv = self._mv
+        return [_new(Record, (s, T[m], K[m], mv[p:p + n]))
+                for s, p, n, m in zip(seqnos, pos, lens, meta, strict=True)]
+
+    def _range_text(self) -> str:
+        if self._closed:
+            return "gcache closed"
+        if self.seqno_min < 0:
+            return "cache empty"
+        return f"cached: {self.seqno_min}-{self.seqno_max}"
+
+    # ------------------------------------------------------------------ locking
+
+    def lock(self, seqno: int) -> None:
+        """Pin ``seqno`` and everything after it against eviction (a donor does this before IST).
+        Locks are counted: each lock() needs its unlock(). SeqnoNotInCache if not cached."""
+        if seqno not in self:
+            raise SeqnoNotInCache(f"seqno {seqno} not in cache ({self._range_text()})")
+        self._locks[seqno] = self._locks.get(seqno, 0) + 1
+        if self._locked is None or seqno < self._locked:
+            self._locked = seqno
+
+    def unlock(self, seqno: int) -> None:
+        """Undo one lock(seqno); then trim overflow pages beyond keep_pages_size. GcacheError if
+        ``seqno`` is not locked."""
+        n = self._locks.get(seqno, 0)
+        if n == 0:
+            raise GcacheError(f"unlock({seqno}) without a matching lock()")
+        if n == 1:
+            del self._locks[seqno]
+            self._locked = min(self._locks) if self._locks else None
+        else:
+            self._locks[seqno] = n - 1
+        if self._pages and not self._closed and not self._readonly:
+            self._trim_pages()
+
+    # ------------------------------------------------------------------ durability, closing
+
+    def _write_preamble(self, synced: bool) -> None:
+        if synced:
+            lo, hi = self._ring_run()
+            text = fmt.format_preamble(self._gid, True, lo, hi, self._first if lo >= 0 else -1)
+        else:
+            text = fmt.format_preamble(self._gid, False)
+        self._mm[:PREAMBLE_LEN] = text
+        self._mm.flush(0, min(mmap.PAGESIZE, len(self._mm)))
+
+    def _ring_run(self) -> tuple[int, int]:
+        """The seqno range a recovery would find in the ring: its highest gapless run (pages are lost)."""
+        n = len(self._pos)
+        if self._lo >= n:
+            return -1, -1
+        if not self._pages:
+            return self._base + self._lo, self._base + n - 1
+        w = self._where
+        hi = n - 1
+        while hi >= self._lo and w[hi] != 0:
+            hi -= 1
+        if hi < self._lo:
+            return -1, -1
+        lo = hi
+        while lo > self._lo and w[lo - 1] == 0:
+            lo -= 1
+        return self._base + lo, self._base + hi
+
+    def _flush_all(self) -> None:
+        self._mm.flush()
+        for page in self._pages:
+            page.mm.flush()
+
+    def flush(self) -> None:
+        """msync the ring and the pages to disk."""
+        if not self._closed and not self._readonly:
+            self._flush_all()
+
+    def close(self) -> None:
+        """Write the clean-close preamble (seqno_min/max, offset, synced: 1), delete the pages (their
+        contents do not survive a restart, as in Galera) and unmap. Idempotent. Raises GcacheError if the
+        caller still holds payload views (release them and call close() again)."""
+        if not self._closed:
+            self._closed = True
+            if not self._readonly:
+                self._ring_state_for_close()
+                for page in list(self._pages):
+                    self._delete_page(page)
+                self._write_preamble(synced=True)
+                self._mm.flush()
+            self._locks.clear()
+            self._locked = None
+        if self._mapped:
+            self._mv.release()
+            try:
+                self._mm.close()
+            except BufferError:
+                self._mv = memoryview(self._mm)
+                raise GcacheError(f"{self._path}: cannot unmap the gcache while payload views from get() or "
+                                  "get_range() are alive; drop them (or call .release()) and close() again"
+                                  ) from None
+            self._mapped = False
+
+    def _ring_state_for_close(self) -> None:
+        # seqnos that only lived in pages are gone now: forget them
+        lo, hi = self._ring_run()
+        if lo < 0:
+            del self._pos[:], self._len[:], self._meta[:], self._where[:]
+            self._base, self._lo = self._next_seqno, 0
+            return
+        self._lo = lo - self._base
+        del self._pos[hi - self._base + 1:], self._len[hi - self._base + 1:]
+        del self._meta[hi - self._base + 1:], self._where[hi - self._base + 1:]
+
+    def _release(self) -> None:
+        """Unmap without writing anything (failed open)."""
+        self._closed = True
+        for page in list(self._pages):
+            self._delete_page(page)
+        self._mv.release()
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+        self._mapped = False
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters and sizes, for logs and the HTTP status endpoint."""
+        f, n = self._first, self._next
+        if f == n:
+            used = 0
+        elif self._rollover is None:
+            used = n - f
+        else:
+            used = (self._rollover - f) + (n - RING_START)
+        return {
+            "path": self._path,
+            "gid": str(self._gid),
+            "seqno_min": self.seqno_min,
+            "seqno_max": self.seqno_max,
+            "count": len(self),
+            "next_seqno": self._next_seqno,
+            "seqno_locked": self._locked,
+            "locks": sum(self._locks.values()),
+            "ring_size": self._ring_size,
+            "ring_used": used,
+            "ring_free": self._ring_size - used,
+            "ring_first": f,
+            "ring_next": n,
+            "wrapped": self._rollover is not None,
+            "pages": len(self._pages),
+            "page_bytes": sum(p.size for p in self._pages),
+            "pages_created": self._pages_created,
+            "pages_deleted": self._pages_deleted,
+            "appended": self._appended,
+            "evicted": self._evicted,
+            "readonly": self._readonly,
+            "sync": self._sync,
+            "closed": self._closed,
+        }

@@ -1,0 +1,136 @@
+"""`istd donor`, `istd joiner` and `istd state digest`."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from istd import exitcodes
+from istd.cli import fail, load_options, provider_options_option
+from istd.daemon import DEFAULT_API_PORT, DEFAULT_IST_PORT, DaemonConfig, run
+from istd.errors import IstError
+from istd.trioutil import unwrap
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``:PORT``, ``[v6]:PORT`` -> (host, port)."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' in an IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+class HostPort(click.ParamType):
+    name = "HOST:PORT"
+
+    def __init__(self, default_port: int, allow_none: bool = False) -> None:
+        self.default_port = default_port
+        self.allow_none = allow_none
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if isinstance(value, tuple) or value is None:
+            return value
+        if self.allow_none and str(value).strip().lower() in ("", "none", "off"):
+            return None
+        try:
+            return parse_hostport(str(value), self.default_port)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--datadir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="data directory: grastate.dat, galera.cache, the applied state")(f)
+    f = click.option("--name", default=socket.gethostname(), show_default="host name",
+                     help="node name (wsrep_node_name)")(f)
+    f = click.option("--applier", type=click.Choice(["sqlite", "none"]), default="sqlite",
+                     help="how write-sets are applied: SQLite state, or none (keep them in the gcache only)")(f)
+    f = click.option("--api-listen", "api", type=HostPort(DEFAULT_API_PORT, allow_none=True),
+                     default=f"0.0.0.0:{DEFAULT_API_PORT}",
+                     help="HTTP API address (GET /status, POST /write); 'none' disables it")(f)
+    return provider_options_option(f)
+
+
+def _run(cfg: DaemonConfig, role: str) -> int:
+    try:
+        return trio.run(run, cfg, role)
+    except Exception as exc:  # trio's nurseries wrap errors in exception groups
+        err = unwrap(exc)
+        if isinstance(err, IstError):
+            fail(err)
+        raise
+
+
+@click.command()
+@common_options
+@click.option("--listen", type=HostPort(DEFAULT_IST_PORT), default=f"0.0.0.0:{DEFAULT_IST_PORT}",
+              help="IST address joiners connect to (Galera's IST port is 4568)")
+@click.option("--bootstrap", is_flag=True,
+              help="start a new history when DATADIR has none (like --wsrep-new-cluster)")
+def donor(datadir: Path, name: str, applier: str, api: tuple[str, int] | None, provider_options: str,
+          listen: tuple[str, int], bootstrap: bool) -> int:
+    """Serve write-sets from DATADIR/galera.cache to joiners, and take writes (the writer of the cluster)."""
+    cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
+                       listen=listen, api=api, bootstrap=bootstrap)
+    return _run(cfg, "donor")
+
+
+@click.command()
+@common_options
+@click.option("--donor", "donors", multiple=True, required=True, type=HostPort(DEFAULT_IST_PORT),
+              help="donor IST address; repeat to give several, tried in order")
+@click.option("--follow", is_flag=True, help="stay connected and apply new write-sets as the donor takes them")
+@click.option("--retries", type=click.IntRange(min=0), default=5,
+              help="rounds over all donors without progress before giving up")
+def joiner(datadir: Path, name: str, applier: str, api: tuple[str, int] | None, provider_options: str,
+           donors: tuple[tuple[str, int], ...], follow: bool, retries: int) -> int:
+    """Catch DATADIR up by IST from a donor; exit 0 once caught up (or keep following)."""
+    cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
+                       api=api, donors=donors, follow=follow, retries=retries)
+    return _run(cfg, "joiner")
+
+
+@click.group()
+def state() -> None:
+    """The applied state of a data directory."""
+
+
+@state.command("digest")
+@click.argument("datadir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--applier", type=click.Choice(["sqlite"]), default="sqlite")
+def state_digest(datadir: Path, applier: str) -> None:
+    """Print the position and a digest of the applied state (same history, same digest, on any node)."""
+    from istd.applier import STATE_DB_NAME, open_applier
+
+    if not (datadir / STATE_DB_NAME).exists():
+        fail(f"{datadir / STATE_DB_NAME} does not exist: no applied state in {datadir}", exitcodes.LOCAL_STATE)
+    try:
+        store = open_applier(applier, datadir)
+        try:
+            position = store.position()
+            digest = store.digest()
+        finally:
+            store.close()
+    except IstError as exc:
+        fail(exc)
+    where = f"{position[0]}:{position[1]}" if position else "none"
+    click.echo(f"position: {where}")
+    click.echo(f"digest:   {digest}")

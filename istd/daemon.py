@@ -1,0 +1,139 @@
+"""Running the daemons: compose a LocalNode with the IST server or client, the HTTP API and signals.
+
+Shutdown is cancellation: SIGINT/SIGTERM cancel the daemon's nursery; every ``finally`` runs, the applier
+finishes the transaction it is in (worker threads are not abandoned), then the gcache is closed with a
+synced preamble and grastate.dat gets the real seqno. A kill -9 instead leaves grastate.dat at -1, and
+the next start recovers the position from the state database.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from istd import exitcodes
+from istd.config import ProviderOptions
+from istd.donor import IstServer
+from istd.errors import IstError, StateError
+from istd.http import DEFAULT_API_PORT, NotWriter, serve_api
+from istd.joiner import Joiner
+from istd.node import LocalNode
+from istd.states import NodeState
+
+log = structlog.get_logger("istd.daemon")
+
+DEFAULT_IST_PORT = 4568  # Galera: base_port (4567) + 1
+__all__ = ["DEFAULT_API_PORT", "DEFAULT_IST_PORT", "DaemonConfig", "run"]
+
+
+class BindError(IstError):
+    """A listening address could not be opened."""
+
+    exit_code = exitcodes.USAGE
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    datadir: Path
+    name: str
+    options: ProviderOptions
+    applier: str = "sqlite"
+    listen: tuple[str, int] | None = None
+    api: tuple[str, int] | None = None
+    bootstrap: bool = False
+    donors: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    follow: bool = False
+    retries: int = 5
+
+
+class _Shutdown:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+async def _watch_signals(scope: trio.CancelScope, shutdown: _Shutdown) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            shutdown.signum = signum
+            log.info(f"Received shutdown signal {signal.Signals(signum).name}; closing", signal=signum)
+            scope.cancel()
+            return
+
+
+class _ApiNode:
+    """What the HTTP API sees of a daemon."""
+
+    def __init__(self, node: LocalNode, parts: list[Any], writer: bool, donors: tuple[tuple[str, int], ...]):
+        self.node = node
+        self.parts = parts
+        self.writer = writer
+        self.donors = donors
+
+    def status(self) -> dict[str, Any]:
+        status = self.node.status()
+        for part in self.parts:
+            status.update(part.status())
+        return status
+
+    async def write(self, payloads: list[bytes]) -> tuple[int, int]:
+        if not self.writer:
+            where = ", ".join(f"{h}:{p}" for h, p in self.donors) or "the donor"
+            raise NotWriter(f"this node ({self.node.name}) is a joiner and takes no writes; "
+                            f"send writes to the donor's API ({where} is its IST address)")
+        return await self.node.write(payloads)
+
+
+async def _listen(what: str, start: Callable[..., Awaitable[Any]], nursery: trio.Nursery, *args: Any) -> Any:
+    try:
+        return await nursery.start(start, *args)
+    except OSError as exc:
+        host, port = args[-2], args[-1]
+        raise BindError(f"cannot listen for {what} on {host or '0.0.0.0'}:{port}: {exc.strerror}; "
+                        f"choose another address with --{'listen' if what == 'IST' else 'api-listen'}") from exc
+
+
+async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> int:
+    """Run a donor or a joiner until it finishes or is stopped; returns the exit code."""
+    node = LocalNode(datadir=cfg.datadir, name=cfg.name, options=cfg.options, applier=cfg.applier, role=role)
+    node.open(bootstrap=cfg.bootstrap)
+    if role == "donor" and not node.position_known:
+        node.close()
+        raise StateError(
+            f"{cfg.datadir} has no usable state ({node.gtid}): start the donor with --bootstrap to begin a new "
+            "history (like --wsrep-new-cluster), or give it the data directory of a node of the cluster"
+        )
+    shutdown = _Shutdown()
+    code = exitcodes.OK
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, shutdown)
+            ports: dict[str, int] = {}
+            if role == "donor":
+                server = IstServer(node)
+                api_node = _ApiNode(node, [server], writer=True, donors=())
+                node.shift(NodeState.JOINED)
+                node.shift(NodeState.SYNCED)
+                assert cfg.listen is not None
+                ports["ist"] = await _listen("IST", server.serve, nursery, cfg.listen[0], cfg.listen[1])
+                if cfg.api:
+                    ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
+                task_status.started(ports)
+                await trio.sleep_forever()
+            joiner = Joiner(node, list(cfg.donors), follow=cfg.follow, retries=cfg.retries)
+            api_node = _ApiNode(node, [joiner], writer=False, donors=cfg.donors)
+            if cfg.api:
+                ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
+            task_status.started(ports)
+            code = await joiner.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        node.close()
+    if shutdown.signum is not None and role == "joiner" and not cfg.follow and node.state is not NodeState.SYNCED:
+        return exitcodes.INTERRUPTED if shutdown.signum == signal.SIGINT else exitcodes.TERMINATED
+    return code

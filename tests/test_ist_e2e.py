@@ -1,0 +1,168 @@
+"""End to end: the real CLI as separate processes on loopback, each node on its own 127.0.0.x."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from istd import exitcodes
+
+from .procs import Cluster, cluster, digest, load, run_istd, seed_joiner, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _messages(daemon_events: list[dict]) -> list[str]:
+    return [e.get("event", "") for e in daemon_events]
+
+
+def test_100k_catch_up_with_equal_digests(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        joiner = c.joiner("joiner", donor)
+        seed_joiner(joiner, donor)
+        load(donor, 100_000, size=200, keyspace=30_000)
+        joiner.start()
+        assert joiner.wait_exit() == exitcodes.OK, joiner.log()
+        donor_pos, donor_digest = digest(donor.datadir)
+        joiner_pos, joiner_digest = digest(joiner.datadir)
+        assert donor_pos == joiner_pos and donor_pos.endswith(":100000")
+        assert donor_digest == joiner_digest
+        messages = _messages(joiner.events())
+        assert any(m.startswith("Receiving IST: 100000 writesets, seqnos 1-100000") for m in messages)
+        assert any(m.startswith("IST received: ") and m.endswith(":100000") for m in messages)
+        assert "Receiving IST... 100.0% (100000/100000 events) complete." in messages
+        grastate = (joiner.datadir / "grastate.dat").read_text()
+        assert "seqno:   100000\n" in grastate
+        donor_messages = _messages(donor.events())
+        assert any(m.startswith("async IST sender starting to serve") and m.endswith("sending 1-100000")
+                   for m in donor_messages)
+        assert "async IST sender served" in donor_messages
+
+
+def test_joiner_killed_mid_apply_resumes_without_loss_or_duplicate(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        joiner = c.joiner("joiner", donor, args=("--provider-options", "ist.recv_queue_size=256K"))
+        seed_joiner(joiner, donor)
+        load(donor, 60_000, size=300)  # every write-set a new row: a lost or repeated one changes the digest
+        joiner.start()
+        wait_until(lambda: (joiner.status() or {}).get("wsrep_last_committed", 0) > 1000, "apply under way")
+        assert joiner.proc is not None
+        joiner.stop(signal.SIGKILL)
+        assert "seqno:   -1" in (joiner.datadir / "grastate.dat").read_text()
+        joiner.start()
+        assert joiner.wait_exit() == exitcodes.OK, joiner.log()
+        events = joiner.events()
+        assert any(e.get("event", "").startswith("Recovered position: ") for e in events)
+        assert digest(joiner.datadir) == digest(donor.datadir)
+
+
+def test_donor_killed_mid_transfer_second_donor_resumes(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        first = c.donor("donor1", "--bootstrap").start()
+        first.wait_synced()
+        load(first, 80_000, size=400)
+        first.stop()
+        # donor2 gets a copy of donor1's data directory (what an rsync SST does): same history, same gcache
+        shutil.copytree(first.datadir, tmp_path / "donor2", ignore=shutil.ignore_patterns("istd.lock"))
+        second = c.donor("donor2")
+        first.start().wait_synced()
+        second.start().wait_synced()
+        joiner = c.joiner("joiner", first, second,
+                          args=("--provider-options", "ist.recv_queue_size=128K; ist.batch_size=64K"))
+        seed_joiner(joiner, first)
+        joiner.start()
+        wait_until(lambda: (joiner.status() or {}).get("wsrep_last_committed", 0) > 100, "transfer under way")
+        first.stop(signal.SIGKILL)
+        assert joiner.wait_exit() == exitcodes.OK, joiner.log()
+        assert digest(joiner.datadir) == digest(second.datadir)
+        messages = _messages(joiner.events())
+        assert any(m.startswith("Resuming IST from " + second.ist) for m in messages), messages
+
+
+def test_writes_continue_during_transfer_and_two_joiners_at_once(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        a = c.joiner("a", donor)
+        b = c.joiner("b", donor, args=("--follow",))
+        seed_joiner(a, donor)
+        seed_joiner(b, donor)
+        load(donor, 50_000, size=300)
+        writer = threading.Thread(target=load, args=(donor, 20_000), kwargs={"size": 100})
+        a.start()
+        b.start()
+        writer.start()
+        assert a.wait_exit() == exitcodes.OK, a.log()
+        writer.join(timeout=120)
+        assert not writer.is_alive()
+        # the follower keeps applying what the donor takes while and after it caught up
+        final = (donor.status() or {})["wsrep_last_committed"]
+        assert final == 70_000
+        wait_until(lambda: (b.status() or {}).get("wsrep_last_committed") == final, "follower caught up")
+        b.stop()
+        a_pos, _ = digest(a.datadir)
+        assert int(a_pos.rsplit(":", 1)[1]) >= 50_000
+        assert digest(b.datadir) == digest(donor.datadir)
+
+
+def test_joiner_refused_for_another_history_exits_4_and_keeps_position(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        joiner = c.joiner("joiner", donor)
+        run_istd("grastate", "set", str(joiner.datadir), "--uuid", "11111111-2222-3333-4444-555555555555",
+                 "--seqno", "7")
+        joiner.start()
+        assert joiner.wait_exit() == exitcodes.REFUSED
+        assert "UUID_MISMATCH" in joiner.log()
+        assert "seqno:   7\n" in (joiner.datadir / "grastate.dat").read_text()
+
+
+def test_unreachable_donor_names_address_and_keeps_position(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap")  # never started: nothing listens there
+        joiner = c.joiner("joiner", donor, args=("--retries", "1"))
+        run_istd("grastate", "set", str(joiner.datadir), "--uuid", "11111111-2222-3333-4444-555555555555",
+                 "--seqno", "42")
+        proc = run_istd("joiner", "--datadir", str(joiner.datadir), "--donor", donor.ist, "--retries", "1",
+                        "--api-listen", "none", check=False)
+        assert proc.returncode == exitcodes.UNREACHABLE
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("istd: error: no donor reachable: " + donor.ist)
+        assert "connection refused" in last and "Traceback" not in proc.stderr
+        assert "seqno:   42\n" in (joiner.datadir / "grastate.dat").read_text()
+
+
+def test_two_daemons_cannot_share_a_datadir(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        proc = run_istd("joiner", "--datadir", str(donor.datadir), "--donor", donor.ist, "--api-listen", "none",
+                        check=False)
+        assert proc.returncode == exitcodes.LOCAL_STATE
+        assert "is in use by another istd process" in proc.stderr
+
+
+def test_bad_flag_is_one_line_with_usage_exit_code(tmp_path: Path) -> None:
+    proc = run_istd("joiner", "--datadir", str(tmp_path), "--donor", "host:notaport", check=False)
+    assert proc.returncode == exitcodes.USAGE and "port must be a number" in proc.stderr
+    proc = run_istd("donor", "--datadir", str(tmp_path), "--provider-options", "gcache.size=huge", check=False)
+    assert proc.returncode == exitcodes.USAGE and "bad value for gcache.size" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_donor_without_state_needs_bootstrap(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    donor = c.donor("donor")
+    proc = run_istd("donor", "--datadir", str(donor.datadir), "--listen", donor.ist, "--api-listen", "none",
+                    check=False)
+    assert proc.returncode == exitcodes.LOCAL_STATE
+    assert "--bootstrap" in proc.stderr
