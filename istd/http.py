@@ -35,6 +35,7 @@ hypercorn's tasks (listener, connections, lifespan) go with it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -45,9 +46,6 @@ from urllib.parse import parse_qs
 
 import structlog
 import trio
-from hypercorn.config import Config
-from hypercorn.logging import Logger as _HypercornLogger
-from hypercorn.trio import serve
 
 from istd.errors import IstError
 from istd.writeset import Op, RowChange, WriteSetError, decode, encode
@@ -388,24 +386,32 @@ class _ApiApp:
         return _json_response(200, {"first": first, "last": last, "count": len(payloads)})
 
 
-class _QuietLog(_HypercornLogger):
-    """hypercorn's logger, sent to the stdlib logger "istd.http": access and info lines at DEBUG.
+@functools.cache
+def _quiet_log_class() -> type:
+    """hypercorn is imported only when an API is served: the CLI starts faster without it."""
+    from hypercorn.config import Config
+    from hypercorn.logging import Logger as _HypercornLogger
 
-    Warnings and errors keep their level. The base __init__ is not called on purpose: it would
-    attach a stderr handler to "hypercorn.error".
-    """
+    class _QuietLog(_HypercornLogger):
+        """hypercorn's logger, sent to the stdlib logger "istd.http": access and info lines at DEBUG.
 
-    def __init__(self, config: Config) -> None:
-        self.access_log_format = config.access_log_format
-        self.access_logger = _std_log
-        self.error_logger = _std_log
+        Warnings and errors keep their level. The base __init__ is not called on purpose: it would
+        attach a stderr handler to "hypercorn.error".
+        """
 
-    async def access(self, request: Any, response: Any, request_time: float) -> None:
-        if _std_log.isEnabledFor(logging.DEBUG):
-            _std_log.debug(self.access_log_format, self.atoms(request, response, request_time))
+        def __init__(self, config: Config) -> None:
+            self.access_log_format = config.access_log_format
+            self.access_logger = _std_log
+            self.error_logger = _std_log
 
-    async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
-        _std_log.debug(message, *args, **kwargs)
+        async def access(self, request: Any, response: Any, request_time: float) -> None:
+            if _std_log.isEnabledFor(logging.DEBUG):
+                _std_log.debug(self.access_log_format, self.atoms(request, response, request_time))
+
+        async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
+            _std_log.debug(message, *args, **kwargs)
+
+    return _QuietLog
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -437,9 +443,12 @@ async def serve_api(
     Raises OSError (bare, not in a group) if the address cannot be bound: in use, not local,
     unknown host name.
     """
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
     config = Config()
     config.bind = [_bind_address(host, port)]
-    config.logger_class = _QuietLog
+    config.logger_class = _quiet_log_class()  # type: ignore[assignment]
     config.accesslog = _std_log
     config.errorlog = _std_log
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S

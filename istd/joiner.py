@@ -320,8 +320,7 @@ class Joiner:
         while True:
             event = await receive.event()
             if isinstance(event, WriteSetBatch):
-                payloads = [event.payload(i) for i in range(len(event))]
-                await self._take(event.first, event.types, payloads, len(event.data))
+                await self._take(event.first, event.types, event.payloads(), len(event.data))
             elif isinstance(event, WriteSet):
                 await self._take(event.seqno, bytes([event.type]), [event.payload], len(event.payload))
             elif isinstance(event, Keepalive):

@@ -195,6 +195,11 @@ class WriteSetBatch:
         offsets = self._offsets
         return self._view[offsets[i] : offsets[i + 1]]
 
+    def payloads(self) -> list[memoryview]:
+        """Every record's payload as a zero-copy slice of ``data``, built at C speed."""
+        offsets = self._offsets
+        return list(map(self._view.__getitem__, map(slice, offsets, itertools.islice(offsets, 1, None))))
+
     def records(self) -> Iterator[tuple[int, int, memoryview]]:
         """(seqno, type byte, payload view) per record: ``__iter__`` without an event object each."""
         view = self._view

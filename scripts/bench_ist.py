@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""IST throughput and memory, donor and joiner as separate processes on loopback.
+
+Prints, in one run:
+
+* baseline: the same bytes sent over a plain trio socket pair (two processes, 1 MiB writes), the ceiling
+  a Python/trio transfer of these bytes can reach on this machine now;
+* transfer only (`--applier none`): 100k and 1M write-sets of 500 bytes, IST rate and its ratio to the
+  baseline;
+* end to end into SQLite, 100k write-sets: IST rate, and joiner launch -> caught up (process exit);
+* peak RSS of each joiner (and the donor), and the 1M/100k joiner RSS ratio.
+
+The machines are noisy: compare the ratios, not the absolute numbers. Usage:
+
+    python scripts/bench_ist.py                  # 100k and 1M, as in the README
+    python scripts/bench_ist.py --counts 100000  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BASELINE_CHUNK_BYTES = 1 << 20
+# The joiner's own gcache: smaller than the 100k gap, so its footprint is the same for every gap size
+# and peak RSS shows what the pipeline itself holds (the queue bound and the frame buffers).
+JOINER_GCACHE = "gcache.size=32M"
+
+
+def istd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "istd", "--log-format", "json", *args]
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def run_waited(cmd: list[str], log_path: Path) -> tuple[int, float, int]:
+    """Run to completion; returns (exit code, wall seconds, peak RSS in bytes) from wait4."""
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, elapsed, usage.ru_maxrss * 1024
+
+
+def events(log_path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+BASELINE_RECEIVER = """
+import sys, trio
+async def main(port):
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    print("ready", flush=True)
+    stream, _ = await listeners[0].accept(), None
+    total = 0
+    while data := await stream.receive_some(1 << 20):
+        total += len(data)
+    print(total, flush=True)
+trio.run(main, int(sys.argv[1]))
+"""
+
+
+def baseline(total_bytes: int) -> float:
+    """Seconds to push total_bytes from one process to another over a plain trio socket."""
+    import trio
+
+    port = free_port("127.0.0.1")
+    receiver = subprocess.Popen([sys.executable, "-c", BASELINE_RECEIVER, str(port)], stdout=subprocess.PIPE,
+                                text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+    chunk = os.urandom(BASELINE_CHUNK_BYTES)
+
+    async def send() -> float:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        start = time.perf_counter()
+        sent = 0
+        while sent < total_bytes:
+            n = min(BASELINE_CHUNK_BYTES, total_bytes - sent)
+            await stream.send_all(memoryview(chunk)[:n])
+            sent += n
+        await stream.aclose()
+        return start
+
+    start = trio.run(send)
+    received = int(receiver.stdout.readline())
+    elapsed = time.perf_counter() - start
+    receiver.wait()
+    assert received == total_bytes
+    return elapsed
+
+
+class Bench:
+    def __init__(self, root: Path, size: int) -> None:
+        self.root = root
+        self.size = size
+        self.host = "127.0.0.1"
+
+    def prepare_donor(self, count: int) -> tuple[Path, str]:
+        datadir = self.root / f"donor-{count}"
+        datadir.mkdir()
+        ring_mb = max(8, (count * (self.size + 32) * 11 // 10) >> 20)
+        subprocess.run(istd("gcache", "fill", str(datadir / "galera.cache"), "--count", str(count), "--size",
+                            str(self.size), "--cache-size", f"{ring_mb}M"), check=True, capture_output=True)
+        return datadir, f"gcache.size={ring_mb}M"
+
+    def transfer(self, donor_dir: Path, donor_opts: str, count: int, applier: str) -> dict[str, Any]:
+        port = free_port(self.host)
+        donor_log = self.root / f"donor-{count}-{applier}.log"
+        with open(donor_log, "wb") as log:
+            donor = subprocess.Popen(
+                istd("donor", "--datadir", str(donor_dir), "--applier", "none", "--listen", f"{self.host}:{port}",
+                     "--api-listen", "none", "--provider-options", donor_opts), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(e.get("event", "").startswith("IST listener open") for e in events(donor_log)):
+                if donor.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"donor did not start:\n{donor_log.read_text()}")
+                time.sleep(0.05)
+            gid = json.loads(subprocess.run(istd("gcache", "inspect", str(donor_dir / "galera.cache"), "--json"),
+                                            capture_output=True, text=True, check=True).stdout)["gid"]
+            joiner_dir = self.root / f"joiner-{count}-{applier}"
+            subprocess.run(istd("grastate", "set", str(joiner_dir), "--uuid", gid, "--seqno", "0"), check=True,
+                           capture_output=True)
+            joiner_log = self.root / f"joiner-{count}-{applier}.log"
+            code, wall, rss = run_waited(
+                istd("joiner", "--datadir", str(joiner_dir), "--donor", f"{self.host}:{port}", "--applier", applier,
+                     "--api-listen", "none", "--provider-options", JOINER_GCACHE), joiner_log)
+            if code != 0:
+                raise SystemExit(f"joiner exited {code}:\n{joiner_log.read_text()[-3000:]}")
+        finally:
+            donor.terminate()
+            _, _, donor_usage = os.wait4(donor.pid, 0)
+        summary = next(e for e in events(joiner_log) if e.get("event", "").startswith("IST complete"))
+        shutil.rmtree(joiner_dir)
+        return {"count": count, "applier": applier, "ist_seconds": summary["seconds"], "rate": summary["rate"],
+                "mb_per_s": summary["mb_per_s"], "launch_to_caught_up": wall, "joiner_rss": rss,
+                "donor_rss": donor_usage.ru_maxrss * 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", default="100000,1000000", help="gap sizes for the transfer-only runs")
+    parser.add_argument("--size", type=int, default=500, help="write-set bytes")
+    parser.add_argument("--sqlite-count", type=int, default=100_000, help="gap for the end-to-end run")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="istd-bench-"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    try:
+        bench = Bench(root, args.size)
+        rows = []
+        donors = {}
+        for count in sorted({*counts, args.sqlite_count}):
+            donors[count] = bench.prepare_donor(count)
+        base_bytes = max(counts) * args.size
+        base_s = baseline(base_bytes)
+        base_rate = max(counts) / base_s
+        for count in counts:
+            rows.append(bench.transfer(*donors[count], count, "none"))
+        rows.append(bench.transfer(*donors[args.sqlite_count], args.sqlite_count, "sqlite"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\nIST benchmark: {args.size}-byte write-sets, donor and joiner as separate processes on loopback")
+    print(f"baseline (same bytes over a plain trio socket, 1 MiB writes): {base_bytes / base_s / 1e6:,.0f} MB/s "
+          f"= {base_rate:,.0f} write-sets/s\n")
+    header = (f"{'run':<26} {'write-sets':>10} {'IST s':>7} {'ws/s':>10} {'MB/s':>7} {'x baseline':>10} "
+              f"{'launch->caught up s':>19} {'joiner RSS MB':>13} {'donor RSS MB':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        name = "transfer only (none)" if r["applier"] == "none" else "end to end (sqlite)"
+        print(f"{name:<26} {r['count']:>10,} {r['ist_seconds']:>7.2f} {r['rate']:>10,} {r['mb_per_s']:>7.1f} "
+              f"{r['rate'] / base_rate:>10.2f} {r['launch_to_caught_up']:>19.2f} {r['joiner_rss'] / 2**20:>13.1f} "
+              f"{r['donor_rss'] / 2**20:>12.1f}")
+    none_rows = {r["count"]: r for r in rows if r["applier"] == "none"}
+    if len(none_rows) >= 2:
+        small, large = min(none_rows), max(none_rows)
+        ratio = none_rows[large]["joiner_rss"] / none_rows[small]["joiner_rss"]
+        print(f"\njoiner peak RSS, {large:,} gap / {small:,} gap: {ratio:.2f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
