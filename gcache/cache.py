@@ -83,6 +83,8 @@ log = logging.getLogger("istd.gcache")
 
 MiB = 1 << 20
 PAGE_NAME_RE = re.compile(r"gcache\.page\.\d{6}")
+ZERO_CHUNK_BYTES = 1 << 20  # free space is zeroed in chunks that are left alone when already zero
+_NONZERO = re.compile(rb"[^\x00]")
 COMPACT_MIN_ENTRIES = 4096  # evicted index entries are dropped from the arrays in batches of at least this
 _SEQ_SIZE_S = struct.Struct("<q8xI")  # seqno_g and size of a header
 _new = tuple.__new__
@@ -293,10 +295,18 @@ class GCache:
             # Galera leaves old buffers in free space; zero it so that a torn write of ours can never
             # complete one of them into a plausible-looking buffer.
             if self._rollover is None:
-                mm[self._next:self._ring_end + BH_SIZE] = bytes(self._ring_end + BH_SIZE - self._next)
-                mm[RING_START:self._first] = bytes(self._first - RING_START)
+                self._zero(self._next, self._ring_end + BH_SIZE)
+                self._zero(RING_START, self._first)
             else:
-                mm[self._next:self._first] = bytes(self._first - self._next)
+                self._zero(self._next, self._first)
+
+    def _zero(self, start: int, end: int) -> None:
+        """Zero [start, end) of the file, leaving pages that are zero already untouched (not dirtied)."""
+        mm = self._mm
+        for a in range(start, end, ZERO_CHUNK_BYTES):
+            b = min(a + ZERO_CHUNK_BYTES, end)
+            if _NONZERO.search(mm, a, b) is not None:
+                mm[a:b] = bytes(b - a)
 
     def _delete_leftover_pages(self) -> None:
         try:
@@ -816,6 +826,8 @@ class GCache:
     def lock(self, seqno: int) -> None:
         """Pin ``seqno`` and everything after it against eviction (a donor does this before IST).
         Locks are counted: each lock() needs its unlock(). SeqnoNotInCache if not cached."""
+        if self._closed:
+            raise GcacheError(f"{self._path}: gcache is closed")
         if seqno not in self:
             raise SeqnoNotInCache(f"seqno {seqno} not in cache ({self._range_text()})")
         self._locks[seqno] = self._locks.get(seqno, 0) + 1

@@ -9,9 +9,9 @@ chain gives the layout and the seqnos give the history:
 
 1. Collect candidate buffers. After a clean close the preamble's ``offset`` points at the oldest buffer:
    walk the chain from there, through the rollover to 1280 and on to the zero header (Galera's
-   ``RingBuffer::scan``). Otherwise (``synced: 0``, a bogus offset, or a clean walk that disagrees with
-   the preamble) scan the whole ring: follow chains while they hold, and between them let a regex find the
-   next plausible header tail (C speed over zero runs and garbage).
+   ``RingBuffer::scan``). Otherwise (``synced: 0``, a bogus offset, or a clean walk that does not end
+   its run at the preamble's ``seqno_max``) scan the whole ring: follow chains while they hold, and
+   between them let a regex find the next plausible header tail (C speed over zero runs and garbage).
 2. Duplicated seqnos: identical contents keep one copy, differing contents discard both (and the seqno
    becomes a hole).
 3. The newest seqno M picks the chain; if that chain starts at 1280 the chain before the wrap is the one,
@@ -73,20 +73,19 @@ def walk_from(buf: Any, offset: int, ring_end: int, gcrc: int) -> tuple[list[Pro
     chain: list[Probe] = []
     pos = offset
     wrap_at: int | None = None
-    while pos + BH_SIZE <= ring_end + BH_SIZE:
+    add = chain.append
+    while pos <= ring_end:
         if wrap_at is not None and pos >= offset:
             break
-        if _is_zero(buf, pos):
-            if wrap_at is not None or offset == RING_START:
-                break
-            wrap_at = len(chain)
-            pos = RING_START
-            continue
         p = probe(buf, pos, ring_end, gcrc)
-        if p is None:
+        if p is not None:
+            add(p)
+            pos = p.end
+            continue
+        if not _is_zero(buf, pos) or wrap_at is not None or offset == RING_START:
             break
-        chain.append(p)
-        pos = p.end
+        wrap_at = len(chain)
+        pos = RING_START
     return chain, wrap_at
 
 
@@ -146,6 +145,18 @@ def _resolve_duplicates(buf: Any, usable: Iterable[Probe]) -> tuple[dict[int, Pr
     return by_seqno, conflicted, dups
 
 
+def _trusted(candidates: Iterable[Probe]) -> list[Probe]:
+    """Ordered buffers whose bytes can be trusted. Galera's buffers (no checksum) always come before
+    istd's in a history (istd appends after what it found), so one claiming a seqno above istd's lowest
+    is a damaged istd header, not Galera's."""
+    usable = [p for p in candidates if p.usable]
+    ours = [p.seqno for p in usable if p.checksum == "ok"]
+    if not ours:
+        return usable
+    floor = min(ours)
+    return [p for p in usable if p.checksum == "ok" or p.seqno < floor]
+
+
 def _run_on_chain(chain: list[Probe], top: int, keep: dict[int, Probe]) -> list[Probe]:
     """The gapless run top, top-1, ... of trusted buffers that lie on ``chain``."""
     on_chain = {p.offset for p in chain}
@@ -202,11 +213,12 @@ def recover_ring(buf: Any, ring_end: int, pre: Preamble, *, verbose: bool = True
 
     if pre.synced and offset != -1:
         chain, wrap_seg = walk_from(buf, offset, ring_end, gcrc)
-        keep, _conf, dups = _resolve_duplicates(buf, (p for p in chain if p.usable))
+        keep, _conf, dups = _resolve_duplicates(buf, _trusted(chain))
         if keep:
             top = max(keep)
             run = _run_on_chain(chain, top, keep)
-            if run and run[0].seqno == pre.seqno_min and run[-1].seqno == pre.seqno_max:
+            # the newest must be where the preamble says; the run may start higher (damage, holes)
+            if run and run[-1].seqno == pre.seqno_max and run[0].seqno >= pre.seqno_min:
                 rec.method = "preamble"
                 rec.found = chain
                 rec.duplicates = dups
@@ -221,7 +233,7 @@ def recover_ring(buf: Any, ring_end: int, pre: Preamble, *, verbose: bool = True
     rec.method = "scan"
     rec.found = sorted(found.values(), key=lambda p: p.offset)
     rec.foreign = any(p.checksum == "none" and p.seqno > 0 for p in rec.found)
-    keep, _conf, rec.duplicates = _resolve_duplicates(buf, (p for p in rec.found if p.usable))
+    keep, _conf, rec.duplicates = _resolve_duplicates(buf, _trusted(rec.found))
     if not keep:
         _finish(rec, [], None, [], rec.found)
         _log_result(rec, info)
