@@ -182,6 +182,11 @@ class DatadirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    @property
+    def fd(self) -> int | None:
+        """The locked descriptor: a child process that inherits it keeps the directory locked."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):

@@ -17,7 +17,11 @@ from the last seqno *applied* (the position committed with the data).
 
 from __future__ import annotations
 
+import array
+import collections
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +31,7 @@ import trio
 
 from istd import exitcodes
 from istd.applier import ApplyError
+from istd.apply_worker import ERROR_LEN, REPLY, encode_request
 from istd.errors import IstError, ProtocolError, RemoteProtocolError
 from istd.node import LocalNode
 from istd.states import NodeState
@@ -55,6 +60,9 @@ RECV_CHUNK_BYTES = 1 << 20
 # Galera logs IST progress at most every 10 s (gu_progress.hpp), and at the start and the end.
 PROGRESS_INTERVAL_SECONDS = 10.0
 FIRST_BACKOFF_SECONDS = 0.2
+# A worker that has not exited this long after its input closed is stuck; it is killed (its open
+# transaction is rolled back by SQLite, so nothing inconsistent is left).
+WORKER_EXIT_TIMEOUT_SECONDS = 30.0
 
 
 class JoinFailed(IstError):
@@ -85,18 +93,19 @@ class RecvQueue:
         self._send, self._recv = trio.open_memory_channel[Any](math.inf)
         self._changed = trio.Event()
 
-    async def put(self, first: int, types: bytes, payloads: list[Any], nbytes: int) -> None:
+    async def put(self, batch: WriteSetBatch) -> None:
+        nbytes = len(batch.data)
         # one oversize batch is let through an empty queue, so a single huge write-set cannot deadlock
         while self.bytes and self.bytes + nbytes > self.max_bytes:
             await self._changed.wait()
         self.bytes += nbytes
-        self.length += len(payloads)
+        self.length += len(batch)
         self.length_max = max(self.length_max, self.length)
-        self._send.send_nowait((first, types, payloads, nbytes))
+        self._send.send_nowait(batch)
 
-    async def get(self) -> tuple[int, bytes, list[Any], int]:
-        item: tuple[int, bytes, list[Any], int] = await self._recv.receive()
-        return item
+    async def get(self) -> WriteSetBatch:
+        batch: WriteSetBatch = await self._recv.receive()
+        return batch
 
     def done(self, count: int, nbytes: int) -> None:
         self.bytes -= nbytes
@@ -320,9 +329,9 @@ class Joiner:
         while True:
             event = await receive.event()
             if isinstance(event, WriteSetBatch):
-                await self._take(event.first, event.types, event.payloads(), len(event.data))
+                await self._take(event)
             elif isinstance(event, WriteSet):
-                await self._take(event.seqno, bytes([event.type]), [event.payload], len(event.payload))
+                await self._take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
             elif isinstance(event, Keepalive):
                 continue
             elif isinstance(event, Ctrl) and event.code == C_EOF:
@@ -335,15 +344,16 @@ class Joiner:
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during the stream")
 
-    async def _take(self, first: int, types: bytes, payloads: list[Any], nbytes: int) -> None:
-        self.node.store(first, types, payloads)
-        self.received_upto = first + len(payloads) - 1
-        self.counters["istd_ist_received_writesets"] += len(payloads)
+    async def _take(self, batch: WriteSetBatch) -> None:
+        count, nbytes = len(batch), len(batch.data)
+        self.node.store(batch.first, batch.types, batch.payloads())
+        self.received_upto = batch.last
+        self.counters["istd_ist_received_writesets"] += count
         self.counters["istd_ist_received_bytes"] += nbytes
         if self.progress is not None:
-            self.progress.received += len(payloads)
+            self.progress.received += count
             self.progress.received_bytes += nbytes
-        await self.queue.put(first, types, payloads, nbytes)
+        await self.queue.put(batch)
 
     async def _keepalive_loop(self, stream: trio.SocketStream, conn: IstConnection) -> None:
         while True:
@@ -356,16 +366,50 @@ class Joiner:
     async def _apply_loop(self, cancel_scope: trio.CancelScope) -> None:
         node = self.node
         try:
-            while True:
-                first, types, payloads, nbytes = await self.queue.get()
-                await node.apply(first, types, payloads)
-                self.queue.done(len(payloads), nbytes)
-                self._check_caught_up()
+            if node.applier_name == "none":
+                while True:
+                    batch = await self.queue.get()
+                    await node.apply(batch.first, batch.types, batch.payloads())
+                    self._applied(batch)
+            else:
+                await self._apply_through_worker()
         except ApplyError as exc:
             node.shift(NodeState.INCONSISTENT)
             log.error(f"Receiving IST failed, node restart required: {exc}", error=str(exc))
             self._apply_error = exc
             cancel_scope.cancel()
+
+    def _applied(self, batch: WriteSetBatch) -> None:
+        self.node.committed.set(batch.last)
+        self.queue.done(len(batch), len(batch.data))
+        self._check_caught_up()
+
+    async def _apply_through_worker(self) -> None:
+        """Send queued batches to the apply worker process; its acks advance the position."""
+        worker = await ApplyWorker.start(self.node)
+        in_flight: collections.deque[WriteSetBatch] = collections.deque()
+        try:
+            async with trio.open_nursery() as nursery:
+                async def acks() -> None:
+                    while True:
+                        last = await worker.receive_ack()
+                        batch = in_flight.popleft()
+                        assert batch.last == last, (batch.last, last)
+                        self._applied(batch)
+
+                nursery.start_soon(acks)
+                while True:
+                    batch = await self.queue.get()
+                    in_flight.append(batch)
+                    await worker.send(batch)
+        except Exception as exc:  # the worker's ApplyError, out of the nursery's exception group
+            err = unwrap(exc)
+            if isinstance(err, ApplyError):
+                raise err from None
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await worker.close()
 
     def _check_caught_up(self) -> None:
         node, target = self.node, self.target
@@ -398,6 +442,60 @@ class Joiner:
             p = self.progress
             if p is not None and p.total and self.node.state is NodeState.JOINING_RECEIVING:
                 log.info(p.line(), done=p.received, total=p.total)
+
+
+class ApplyWorker:
+    """The parent's side of istd/apply_worker.py: a child process with pipes."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self._buffer = bytearray()
+
+    @classmethod
+    async def start(cls, node: LocalNode) -> ApplyWorker:
+        lock_fd = node.lock_fd
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "istd.apply_worker", str(node.datadir), node.applier_name, str(node.uuid)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            pass_fds=(lock_fd,) if lock_fd is not None else ())
+        return cls(proc)
+
+    async def send(self, batch: WriteSetBatch) -> None:
+        sizes = batch.sizes.tobytes() if isinstance(batch.sizes, array.array) else bytes(batch.sizes)
+        assert self.proc.stdin is not None
+        try:
+            await self.proc.stdin.send_all(b"".join(encode_request(batch.first, bytes(batch.types), sizes,
+                                                                   batch.data)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ApplyError(f"the apply worker process exited ({self.proc.poll()})") from exc
+
+    async def _read(self, n: int) -> bytes:
+        assert self.proc.stdout is not None
+        while len(self._buffer) < n:
+            chunk = await self.proc.stdout.receive_some(65536)
+            if not chunk:
+                raise ApplyError(f"the apply worker process exited ({await self.proc.wait()})")
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    async def receive_ack(self) -> int:
+        (last,) = REPLY.unpack(await self._read(REPLY.size))
+        if last >= 0:
+            return int(last)
+        (length,) = ERROR_LEN.unpack(await self._read(ERROR_LEN.size))
+        raise ApplyError((await self._read(length)).decode("utf-8", "replace"))
+
+    async def close(self) -> None:
+        """Close its stdin; it finishes the transaction it is in and exits."""
+        if self.proc.stdin is not None:
+            await trio.aclose_forcefully(self.proc.stdin)
+        with trio.move_on_after(WORKER_EXIT_TIMEOUT_SECONDS):
+            await self.proc.wait()
+            return
+        self.proc.kill()
+        await self.proc.wait()
 
 
 class _Receiver:

@@ -106,6 +106,10 @@ class LocalNode:
         return self.committed.value
 
     @property
+    def lock_fd(self) -> int | None:
+        return self._lock.fd
+
+    @property
     def position_known(self) -> bool:
         return self.uuid != gs.ZERO_UUID and self.last_committed >= 0
 

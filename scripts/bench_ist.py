@@ -34,7 +34,7 @@ from typing import Any
 BASELINE_CHUNK_BYTES = 1 << 20
 # The joiner's own gcache: smaller than the 100k gap, so its footprint is the same for every gap size
 # and peak RSS shows what the pipeline itself holds (the queue bound and the frame buffers).
-JOINER_GCACHE = "gcache.size=32M"
+JOINER_GCACHE = "gcache.size=256M"
 
 
 def istd(*args: str) -> list[str]:

@@ -1,0 +1,97 @@
+"""The joiner's apply worker: a child process that applies batches while the parent receives.
+
+Why a process: SQLite releases the GIL for every row it inserts, so an applier *thread* and the receiving
+task hand the GIL back and forth hundreds of thousands of times a second and both slow down. A child
+process gives apply its own core. The parent keeps the gcache, the network and the status; the child
+owns the state database's writes for the duration of the join.
+
+Pipe protocol (parent -> child on stdin, child -> parent on stdout, little-endian)::
+
+    request:  u32 body_len | i64 first | u32 count | u8[count] types | u32[count] sizes | data
+    reply:    i64 last_applied                                  (>= 0: the batch is committed)
+              i64 -1 | u32 len | utf-8 message                  (the batch failed; nothing of it committed)
+
+The child applies each batch in one transaction that also records the position (istd/applier.py), so a
+crash of either process leaves data and position in agreement. It ignores SIGINT (the parent decides when
+to stop) and exits when its stdin closes, after finishing the transaction it is in. It inherits the data
+directory lock, so a new daemon cannot start on the directory while it is still finishing.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import sys
+import uuid
+from array import array
+from pathlib import Path
+from typing import BinaryIO
+
+REQUEST = struct.Struct("<IqI")
+REPLY = struct.Struct("<q")
+ERROR_LEN = struct.Struct("<I")
+
+
+def encode_request(first: int, types: bytes, sizes: bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
+    body_len = 12 + len(types) + len(sizes) + len(data)
+    return [REQUEST.pack(body_len, first, len(types)), types, sizes, data]
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    from istd.applier import open_applier
+    from istd.errors import IstError
+
+    applier = open_applier(applier_name, datadir)
+    try:
+        while True:
+            head = _read_exact(stdin, REQUEST.size)
+            if head is None:
+                return 0
+            body_len, first, count = REQUEST.unpack(head)
+            rest = _read_exact(stdin, body_len - 12)
+            if rest is None:
+                return 0
+            view = memoryview(rest)
+            types = bytes(view[:count])
+            sizes = array("I")
+            sizes.frombytes(view[count:count * 5])
+            pos = count * 5
+            records = []
+            for i, size in enumerate(sizes):
+                records.append((first + i, types[i], view[pos:pos + size]))
+                pos += size
+            try:
+                applier.apply(cluster_uuid, records)
+            except IstError as exc:
+                message = str(exc).encode("utf-8", "replace")
+                stdout.write(REPLY.pack(-1) + ERROR_LEN.pack(len(message)) + message)
+                stdout.flush()
+                continue
+            finally:
+                del records
+                view.release()
+            stdout.write(REPLY.pack(first + count - 1))
+            stdout.flush()
+    finally:
+        applier.close()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent closes our stdin when it stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    datadir, applier_name, cluster_uuid = sys.argv[1], sys.argv[2], uuid.UUID(sys.argv[3])
+    sys.exit(serve(Path(datadir), applier_name, cluster_uuid, sys.stdin.buffer, sys.stdout.buffer))
+
+
+if __name__ == "__main__":
+    main()
