@@ -49,8 +49,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: IO[str] | 
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+    foreign: list[Any] = [*shared, _add_logger_name]
+    if fmt == "json":  # a stdlib logger's exc_info becomes an "exception" field with the traceback text
+        foreign.append(structlog.processors.format_exc_info)
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, _add_logger_name],
+        foreign_pre_chain=foreign,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)

@@ -111,6 +111,38 @@ def baseline(total_bytes: int) -> float:
     return elapsed
 
 
+def sqlite_ceiling(count: int, size: int) -> tuple[float, float]:
+    """Write-sets/s of (a) SQLite alone: executemany of the already-decoded rows with the applier's schema
+    and settings, and (b) istd's applier in one process (decode + the same SQL), on the same write-sets."""
+    import uuid
+
+    from istd.applier import SqliteApplier
+    from istd.writeset import decode_rows, synthetic
+
+    payloads = [synthetic(s, size) for s in range(1, count + 1)]
+    batch = 2000
+    with tempfile.TemporaryDirectory() as d:
+        raw = SqliteApplier(Path(d))
+        rows = [(s, t, k, v) for s, p in enumerate(payloads, 1) for _, t, k, v in decode_rows(p)]
+        conn = raw._require_open()
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            with conn:
+                conn.executemany("INSERT INTO rows (tbl, key, value) VALUES (?2, ?3, ?4) "
+                                 "ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value", rows[i:i + batch])
+        raw_rate = count / (time.perf_counter() - start)
+        raw.close()
+    with tempfile.TemporaryDirectory() as d:
+        applier = SqliteApplier(Path(d))
+        u = uuid.uuid4()
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            applier.apply(u, [(s, 4, payloads[s - 1]) for s in range(i + 1, min(i + batch, count) + 1)])
+        applier_rate = count / (time.perf_counter() - start)
+        applier.close()
+    return raw_rate, applier_rate
+
+
 class Bench:
     def __init__(self, root: Path, size: int) -> None:
         self.root = root
@@ -177,6 +209,7 @@ def main() -> None:
         base_bytes = max(counts) * args.size
         base_s = baseline(base_bytes)
         base_rate = max(counts) / base_s
+        sqlite_raw, sqlite_applier = sqlite_ceiling(args.sqlite_count, args.size)
         for count in counts:
             rows.append(bench.transfer(*donors[count], count, "none"))
         rows.append(bench.transfer(*donors[args.sqlite_count], args.sqlite_count, "sqlite"))
@@ -186,6 +219,8 @@ def main() -> None:
     print(f"\nIST benchmark: {args.size}-byte write-sets, donor and joiner as separate processes on loopback")
     print(f"baseline (same bytes over a plain trio socket, 1 MiB writes): {base_bytes / base_s / 1e6:,.0f} MB/s "
           f"= {base_rate:,.0f} write-sets/s\n")
+    print(f"SQLite alone (executemany of the decoded rows, applier's schema): {sqlite_raw:,.0f} write-sets/s; "
+          f"istd's applier in one process (decode + SQL): {sqlite_applier:,.0f} write-sets/s\n")
     header = (f"{'run':<26} {'write-sets':>10} {'IST s':>7} {'ws/s':>10} {'MB/s':>7} {'x baseline':>10} "
               f"{'launch->caught up s':>19} {'joiner RSS MB':>13} {'donor RSS MB':>12}")
     print(header)
@@ -195,6 +230,8 @@ def main() -> None:
         print(f"{name:<26} {r['count']:>10,} {r['ist_seconds']:>7.2f} {r['rate']:>10,} {r['mb_per_s']:>7.1f} "
               f"{r['rate'] / base_rate:>10.2f} {r['launch_to_caught_up']:>19.2f} {r['joiner_rss'] / 2**20:>13.1f} "
               f"{r['donor_rss'] / 2**20:>12.1f}")
+        if r["applier"] == "sqlite":
+            print(f"{'':<26} end-to-end rate / SQLite alone: {r['rate'] / sqlite_raw:.2f}")
     none_rows = {r["count"]: r for r in rows if r["applier"] == "none"}
     if len(none_rows) >= 2:
         small, large = min(none_rows), max(none_rows)
