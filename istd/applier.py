@@ -205,8 +205,13 @@ class SqliteApplier:
         return self._conn
 
     def position(self) -> tuple[uuid.UUID, int] | None:
+        """Read from the store every time: another process (the joiner's apply worker) may have applied."""
         with self._lock:
-            self._require_open()
+            conn = self._require_open()
+            try:
+                self._position = self._read_position(conn)
+            except sqlite3.Error as exc:
+                raise ApplyError(f"state store {self.path}: cannot read the position: {exc}") from exc
             return self._position
 
     def apply(self, cluster_uuid: uuid.UUID, records: Sequence[Record]) -> None:

@@ -210,6 +210,11 @@ class LocalNode:
         """Clean stop: synced gcache preamble, grastate.dat with the real seqno, unlock."""
         try:
             if self._applier is not None and self._gcache is not None:
+                # the apply worker may have committed batches after the last ack we read: the applied
+                # state's own position is the truth
+                recorded = self._applier.position()
+                if recorded is not None and recorded[0] == self.uuid and recorded[1] > self.last_committed:
+                    self.committed.set(recorded[1])
                 self.save_state(running=False)
                 log.info(f"Provider closed at {self.gtid}", uuid=str(self.uuid), seqno=self.last_committed)
         finally:

@@ -166,3 +166,51 @@ def test_donor_without_state_needs_bootstrap(tmp_path: Path) -> None:
                     check=False)
     assert proc.returncode == exitcodes.LOCAL_STATE
     assert "--bootstrap" in proc.stderr
+
+
+def test_sigterm_mid_transfer_leaves_files_consistent_and_restart_finishes(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        joiner = c.joiner("joiner", donor, args=("--provider-options", "ist.recv_queue_size=256K"))
+        seed_joiner(joiner, donor)
+        load(donor, 60_000, size=300)
+        joiner.start()
+        wait_until(lambda: (joiner.status() or {}).get("wsrep_last_committed", 0) > 1000, "apply under way")
+        assert joiner.stop(signal.SIGTERM) == exitcodes.TERMINATED
+        # a clean stop: grastate.dat holds the position the state database committed, not -1
+        position, _ = digest(joiner.datadir)
+        saved = (joiner.datadir / "grastate.dat").read_text()
+        assert f"seqno:   {position.rsplit(':', 1)[1]}\n" in saved and "seqno:   -1" not in saved
+        inspect = run_istd("gcache", "inspect", str(joiner.datadir / "galera.cache"), "--json").stdout
+        assert '"synced": true' in inspect
+        joiner.start()
+        assert joiner.wait_exit() == exitcodes.OK, joiner.log()
+        assert digest(joiner.datadir) == digest(donor.datadir)
+
+
+def test_status_shows_the_transfer_while_it_runs(tmp_path: Path) -> None:
+    import re
+
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap").start()
+        donor.wait_synced()
+        joiner = c.joiner("joiner", donor, args=("--provider-options", "ist.recv_queue_size=256K"))
+        seed_joiner(joiner, donor)
+        load(donor, 100_000, size=300)
+        joiner.start()
+        samples = []
+        while joiner.proc is not None and joiner.proc.poll() is None:
+            status = joiner.status()
+            if status:
+                samples.append(status)
+        assert joiner.proc is not None and joiner.proc.returncode == exitcodes.OK
+        receiving = [s for s in samples if s["wsrep_local_state_comment"] == "Joining: receiving State Transfer"]
+        assert receiving, [s["wsrep_local_state_comment"] for s in samples]
+        pattern = re.compile(r"^(\d+)% complete, received seqno (\d+) of 1-100000$")
+        matches = [pattern.match(s["wsrep_ist_receive_status"]) for s in receiving]
+        assert any(matches), [s["wsrep_ist_receive_status"] for s in receiving]
+        assert all(s["wsrep_local_state"] == 1 for s in receiving)
+        assert max(s["wsrep_local_recv_queue"] for s in receiving) > 0
+        served = donor.status() or {}
+        assert served["istd_ist_served"] == 1 and served["istd_ist_sent_writesets"] == 100_000
