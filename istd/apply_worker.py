@@ -7,7 +7,9 @@ owns the state database's writes for the duration of the join.
 
 Pipe protocol (parent -> child on stdin, child -> parent on stdout, little-endian)::
 
-    request:  u32 body_len | i64 first | u32 count | u8[count] types | u32[count] sizes | data
+    request:  u32 body_len | i64 first | u32 count | u8 kind | body
+              kind 0 (a BATCH):   u8[count] types | u32[count] sizes | data
+              kind 1 (a SEGMENT): gcache records as they lie on disk (gcache.segment_payloads reads them)
     reply:    i64 last_applied                                  (>= 0: the batch is committed)
               i64 -1 | u32 len | utf-8 message                  (the batch failed; nothing of it committed)
 
@@ -27,14 +29,21 @@ from array import array
 from pathlib import Path
 from typing import BinaryIO
 
-REQUEST = struct.Struct("<IqI")
+REQUEST = struct.Struct("<IqIB")
+KIND_BATCH = 0
+KIND_SEGMENT = 1
+TRX = 4  # protocol RecordType.TRX: what a segment's records are (istd writes no other kind to its ring)
 REPLY = struct.Struct("<q")
 ERROR_LEN = struct.Struct("<I")
 
 
 def encode_request(first: int, types: bytes, sizes: bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
-    body_len = 12 + len(types) + len(sizes) + len(data)
-    return [REQUEST.pack(body_len, first, len(types)), types, sizes, data]
+    body_len = REQUEST.size - 4 + len(types) + len(sizes) + len(data)
+    return [REQUEST.pack(body_len, first, len(types), KIND_BATCH), types, sizes, data]
+
+
+def encode_segment_request(first: int, count: int, blob: bytes | memoryview) -> list[bytes | memoryview]:
+    return [REQUEST.pack(REQUEST.size - 4 + len(blob), first, count, KIND_SEGMENT), blob]
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
@@ -48,6 +57,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 
 def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    from gcache import segment_payloads
     from istd.applier import open_applier
     from istd.errors import IstError
 
@@ -57,19 +67,22 @@ def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: Bina
             head = _read_exact(stdin, REQUEST.size)
             if head is None:
                 return 0
-            body_len, first, count = REQUEST.unpack(head)
-            rest = _read_exact(stdin, body_len - 12)
+            body_len, first, count, kind = REQUEST.unpack(head)
+            rest = _read_exact(stdin, body_len - (REQUEST.size - 4))
             if rest is None:
                 return 0
             view = memoryview(rest)
-            types = bytes(view[:count])
-            sizes = array("I")
-            sizes.frombytes(view[count:count * 5])
-            pos = count * 5
-            records = []
-            for i, size in enumerate(sizes):
-                records.append((first + i, types[i], view[pos:pos + size]))
-                pos += size
+            if kind == KIND_SEGMENT:
+                records = [(first + i, TRX, p) for i, p in enumerate(segment_payloads(view))]
+            else:
+                types = bytes(view[:count])
+                sizes = array("I")
+                sizes.frombytes(view[count:count * 5])
+                pos = count * 5
+                records = []
+                for i, size in enumerate(sizes):
+                    records.append((first + i, types[i], view[pos:pos + size]))
+                    pos += size
             try:
                 applier.apply(cluster_uuid, records)
             except IstError as exc:

@@ -33,7 +33,7 @@ import trio
 
 from istd import exitcodes
 from istd.applier import ApplyError
-from istd.apply_worker import ERROR_LEN, REPLY, encode_request
+from istd.apply_worker import ERROR_LEN, REPLY, encode_request, encode_segment_request
 from istd.errors import IstError, ProtocolError, RemoteProtocolError
 from istd.node import LocalNode
 from istd.states import NodeState
@@ -50,6 +50,7 @@ from protocol import (
     HandshakeResponse,
     Keepalive,
     Role,
+    Segment,
     TransferKind,
     WriteSet,
     WriteSetBatch,
@@ -88,6 +89,21 @@ class Refused(IstError):
         self.response = response
 
 
+@dataclass
+class Received:
+    """Write-sets stored in the gcache and waiting to be applied: a BATCH, or a raw gcache SEGMENT."""
+
+    first: int
+    count: int
+    nbytes: int
+    batch: WriteSetBatch | None = None
+    blob: memoryview | None = None
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
 class RecvQueue:
     """FIFO of received batches bounded in bytes; ``length`` is ``wsrep_local_recv_queue``."""
 
@@ -99,19 +115,19 @@ class RecvQueue:
         self._send, self._recv = trio.open_memory_channel[Any](math.inf)
         self._changed = trio.Event()
 
-    async def put(self, batch: WriteSetBatch) -> None:
-        nbytes = len(batch.data)
+    async def put(self, item: Received) -> None:
+        nbytes = item.nbytes
         # one oversize batch is let through an empty queue, so a single huge write-set cannot deadlock
         while self.bytes and self.bytes + nbytes > self.max_bytes:
             await self._changed.wait()
         self.bytes += nbytes
-        self.length += len(batch)
+        self.length += item.count
         self.length_max = max(self.length_max, self.length)
-        self._send.send_nowait(batch)
+        self._send.send_nowait(item)
 
-    async def get(self) -> WriteSetBatch:
-        batch: WriteSetBatch = await self._recv.receive()
-        return batch
+    async def get(self) -> Received:
+        item: Received = await self._recv.receive()
+        return item
 
     def done(self, count: int, nbytes: int) -> None:
         self.bytes -= nbytes
@@ -297,7 +313,8 @@ class Joiner:
         with trio.fail_after(self.handshake_timeout):
             await stream.send_all(conn.send(Handshake(
                 cluster_uuid=node.uuid, last_applied=last_applied, first=last_applied + 1, last=-1,
-                accept=Accept.IST, versions=SUPPORTED_VERSIONS, node_name=node.name, follow=self.follow)))
+                accept=Accept.IST, versions=SUPPORTED_VERSIONS, node_name=node.name, follow=self.follow,
+                segments=True)))
             response = await receive.event()
         if not isinstance(response, HandshakeResponse):
             raise RemoteProtocolError(f"expected HANDSHAKE_RESPONSE, got {type(response).__name__}")
@@ -334,7 +351,9 @@ class Joiner:
     async def _receive_stream(self, receive: _Receiver, donor: str) -> None:
         while True:
             event = await receive.event()
-            if isinstance(event, WriteSetBatch):
+            if isinstance(event, Segment):
+                await self._take_segment(event)
+            elif isinstance(event, WriteSetBatch):
                 await self._take(event)
             elif isinstance(event, WriteSet):
                 await self._take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
@@ -351,15 +370,22 @@ class Joiner:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during the stream")
 
     async def _take(self, batch: WriteSetBatch) -> None:
-        count, nbytes = len(batch), len(batch.data)
         self.node.store(batch.first, batch.types, batch.payloads())
-        self.received_upto = batch.last
-        self.counters["istd_ist_received_writesets"] += count
-        self.counters["istd_ist_received_bytes"] += nbytes
+        await self._received(Received(batch.first, len(batch), len(batch.data), batch=batch))
+
+    async def _take_segment(self, segment: Segment) -> None:
+        blob = memoryview(segment.blob)
+        self.node.store_segment(segment.first, blob)
+        await self._received(Received(segment.first, segment.count, len(blob), blob=blob))
+
+    async def _received(self, item: Received) -> None:
+        self.received_upto = item.last
+        self.counters["istd_ist_received_writesets"] += item.count
+        self.counters["istd_ist_received_bytes"] += item.nbytes
         if self.progress is not None:
-            self.progress.received += count
-            self.progress.received_bytes += nbytes
-        await self.queue.put(batch)
+            self.progress.received += item.count
+            self.progress.received_bytes += item.nbytes
+        await self.queue.put(item)
 
     async def _keepalive_loop(self, stream: trio.SocketStream, conn: IstConnection) -> None:
         while True:
@@ -372,11 +398,9 @@ class Joiner:
     async def _apply_loop(self, cancel_scope: trio.CancelScope) -> None:
         node = self.node
         try:
-            if node.applier_name == "none":
+            if node.applier_name == "none":  # the gcache is the whole state: nothing to apply
                 while True:
-                    batch = await self.queue.get()
-                    await node.apply(batch.first, batch.types, batch.payloads())
-                    self._applied(batch)
+                    self._applied(await self.queue.get())
             else:
                 await self._apply_through_worker()
         except ApplyError as exc:
@@ -385,29 +409,29 @@ class Joiner:
             self._apply_error = exc
             cancel_scope.cancel()
 
-    def _applied(self, batch: WriteSetBatch) -> None:
-        self.node.committed.set(batch.last)
-        self.queue.done(len(batch), len(batch.data))
+    def _applied(self, item: Received) -> None:
+        self.node.committed.set(item.last)
+        self.queue.done(item.count, item.nbytes)
         self._check_caught_up()
 
     async def _apply_through_worker(self) -> None:
         """Send queued batches to the apply worker process; its acks advance the position."""
         worker = await ApplyWorker.start(self.node)
-        in_flight: collections.deque[WriteSetBatch] = collections.deque()
+        in_flight: collections.deque[Received] = collections.deque()
         try:
             async with trio.open_nursery() as nursery:
                 async def acks() -> None:
                     while True:
                         last = await worker.receive_ack()
-                        batch = in_flight.popleft()
-                        assert batch.last == last, (batch.last, last)
-                        self._applied(batch)
+                        item = in_flight.popleft()
+                        assert item.last == last, (item.last, last)
+                        self._applied(item)
 
                 nursery.start_soon(acks)
                 while True:
-                    batch = await self.queue.get()
-                    in_flight.append(batch)
-                    await worker.send(batch)
+                    item = await self.queue.get()
+                    in_flight.append(item)
+                    await worker.send(item)
         except Exception as exc:  # the worker's ApplyError, out of the nursery's exception group
             err = unwrap(exc)
             if isinstance(err, ApplyError):
@@ -469,12 +493,17 @@ class ApplyWorker:
                 fcntl.fcntl(stream.fileno(), F_SETPIPE_SZ, WORKER_PIPE_BYTES)  # type: ignore[union-attr]
         return cls(proc)
 
-    async def send(self, batch: WriteSetBatch) -> None:
-        sizes = batch.sizes.tobytes() if isinstance(batch.sizes, array.array) else bytes(batch.sizes)
+    async def send(self, item: Received) -> None:
+        batch = item.batch
+        if batch is not None:
+            sizes = batch.sizes.tobytes() if isinstance(batch.sizes, array.array) else bytes(batch.sizes)
+            parts = encode_request(batch.first, bytes(batch.types), sizes, batch.data)
+        else:
+            assert item.blob is not None
+            parts = encode_segment_request(item.first, item.count, item.blob)
         assert self.proc.stdin is not None
         try:
-            await self.proc.stdin.send_all(b"".join(encode_request(batch.first, bytes(batch.types), sizes,
-                                                                   batch.data)))
+            await self.proc.stdin.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ApplyError(f"the apply worker process exited ({self.proc.poll()})") from exc
 

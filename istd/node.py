@@ -253,6 +253,12 @@ class LocalNode:
         self.counters["wsrep_received"] += len(payloads)
         self.counters["wsrep_received_bytes"] += sum(len(p) for p in payloads)
 
+    def store_segment(self, first: int, blob: memoryview) -> None:
+        """Store a run of records received in gcache's on-disk form (same history: one copy, no re-encoding)."""
+        last, lengths = self.gcache.import_segment(first, blob)
+        self.counters["wsrep_received"] += last - first + 1
+        self.counters["wsrep_received_bytes"] += sum(lengths)
+
     async def apply(self, first: int, types: bytes, payloads: Sequence[bytes | memoryview]) -> None:
         """Apply consecutive write-sets (already in the gcache) in a worker thread; advance the position."""
         if self.applier_name != "none":  # `none` keeps write-sets in the gcache only: no thread hop

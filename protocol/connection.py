@@ -10,11 +10,12 @@ Both ends hold a ``Connection``; the joiner connects to the donor (port 4568)::
     HANDSHAKE  ---------------------------->         uuid, last applied, range, IST/SST, versions
                <---------------------------- HANDSHAKE_RESPONSE  granted IST/SST, or refused + reason
     CTRL(OK)   ---------------------------->         (only if granted)
-               <---------------------------- TRX / CCHANGE / SKIP / BATCH, seqnos first..last
+               <---------------------------- TRX / CCHANGE / SKIP / BATCH (/ SEGMENT), seqnos first..last
                <---------------------------- CTRL(EOF)     (follow mode: seqnos go on past last)
     close()
     KEEPALIVE may flow either way at any time after the HANDSHAKE.
     A negative CTRL (-errno) from either side aborts.
+    SEGMENT frames only if the joiner's HANDSHAKE asked for them (``Handshake.segments``).
 
 The conversation has ONE state, seen identically by both ends, because the messages strictly
 alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, keyed by
@@ -25,6 +26,7 @@ alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, k
     RESPONSE   --donor HANDSHAKE_RESPONSE-->   REFUSED    (refused)
     OK         --joiner CTRL(OK)-->            STREAMING
     STREAMING  --donor TRX/CCHANGE/SKIP/BATCH--> STREAMING
+    STREAMING  --donor SEGMENT-->              STREAMING  (if negotiated)
     STREAMING  --donor CTRL(EOF)-->            DONE
     any state  --either CTRL(-errno)-->        FAILED
     RESPONSE, OK, STREAMING, DONE, REFUSED --either KEEPALIVE--> unchanged
@@ -32,7 +34,9 @@ alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, k
 ``send()`` checks the table for our role and raises LocalProtocolError; ``next_event()`` checks it
 for the peer's role and raises RemoteProtocolError. Checks that need more than the table
 (consecutive seqnos, the granted range, the EOF position, a grant consistent with the request)
-run in ``_check()`` for both directions with the exception class of that direction.
+run in ``_check()`` for both directions with the exception class of that direction. One of them
+is negotiation: a SEGMENT is allowed only if the joiner's HANDSHAKE set ``segments``; it is checked
+from the header, with the table, before the payload is buffered.
 
 Framing: wait for the 24-byte header, check its CRC, version, type and length (against the frame
 limit, and against the state table and the next expected seqno) BEFORE buffering the payload; then
@@ -59,6 +63,7 @@ from protocol.events import (
     HandshakeResponse,
     Keepalive,
     RecordType,
+    Segment,
     TransferKind,
     WriteSet,
     WriteSetBatch,
@@ -79,9 +84,11 @@ from protocol.wire import (
     decode_batch,
     decode_handshake,
     decode_response,
+    decode_segment,
     encode_batch,
     encode_handshake,
     encode_response,
+    encode_segment,
     pack_header,
     unpack_header,
 )
@@ -122,6 +129,7 @@ class Kind(enum.Enum):
     CTRL_EOF = "CTRL(EOF)"
     CTRL_ERROR = "CTRL(error)"
     WRITE_SETS = "write-set"
+    SEGMENT = "SEGMENT"
     KEEPALIVE = "KEEPALIVE"
 
 
@@ -143,6 +151,7 @@ TRANSITIONS: dict[tuple[State, Role, Kind], State] = {
     (State.RESPONSE, _D, Kind.REFUSED): State.REFUSED,
     (State.OK, _J, Kind.CTRL_OK): State.STREAMING,
     (State.STREAMING, _D, Kind.WRITE_SETS): State.STREAMING,
+    (State.STREAMING, _D, Kind.SEGMENT): State.STREAMING,  # only if negotiated: _check_segments()
     (State.STREAMING, _D, Kind.CTRL_EOF): State.DONE,
     # Keepalives: after the HANDSHAKE, either way, even in DONE/REFUSED (one may cross the EOF).
     **{
@@ -160,11 +169,14 @@ _KIND_OF_FRAME = {
     FrameType.CCHANGE: Kind.WRITE_SETS,
     FrameType.SKIP: Kind.WRITE_SETS,
     FrameType.BATCH: Kind.WRITE_SETS,
+    FrameType.SEGMENT: Kind.SEGMENT,
     FrameType.KEEPALIVE: Kind.KEEPALIVE,
 }
 _HANDSHAKE_FRAMES = frozenset({FrameType.HANDSHAKE, FrameType.HANDSHAKE_RESPONSE})
 _EMPTY_FRAMES = frozenset({FrameType.CTRL, FrameType.KEEPALIVE, FrameType.SKIP})
-_RECORD_FRAMES = frozenset({FrameType.TRX, FrameType.CCHANGE, FrameType.SKIP, FrameType.BATCH})
+_RECORD_FRAMES = frozenset(
+    {FrameType.TRX, FrameType.CCHANGE, FrameType.SKIP, FrameType.BATCH, FrameType.SEGMENT}
+)
 _CTRL_MIN = -128  # the ctrl byte is an i8
 
 
@@ -219,6 +231,11 @@ class Connection:
         return self.handshake is not None and self.handshake.follow
 
     @property
+    def segments(self) -> bool:
+        """True if the joiner's HANDSHAKE allows SEGMENT frames."""
+        return self.handshake is not None and self.handshake.segments
+
+    @property
     def peer_closed(self) -> bool:
         """True once ``receive_data(b"")`` was called."""
         return self._peer_closed
@@ -248,6 +265,13 @@ class Connection:
             crc = zlib.crc32(data, zlib.crc32(prefix))
             header = pack_header(version, FrameType.BATCH, 0, 0, length, event.first, crc)
             return b"".join((header, prefix, data))
+        if isinstance(event, Segment):
+            count, blob = encode_segment(event)
+            length = len(count) + blob.nbytes
+            self._check_send_length(length, self.max_frame_bytes)
+            crc = zlib.crc32(blob, zlib.crc32(count))
+            header = pack_header(version, FrameType.SEGMENT, 0, 0, length, event.first, crc)
+            return b"".join((header, count, blob))
         ctrl, seqno, payload = 0, SEQNO_NONE, b""
         if isinstance(event, Handshake | HandshakeResponse):
             if isinstance(event, Handshake):
@@ -384,6 +408,8 @@ class Connection:
         if not any((self._state, peer, kind) in TRANSITIONS for kind in kinds):
             what = kinds[0].value if ftype is FrameType.CTRL else ftype.name
             raise RemoteProtocolError(f"{peer.name} may not send {what} in state {self._state.name}")
+        if ftype is FrameType.SEGMENT:
+            self._check_segments(RemoteProtocolError)
         if ftype in _RECORD_FRAMES:
             self._check_records(h.seqno, 1, RemoteProtocolError)
 
@@ -391,6 +417,8 @@ class Connection:
     def _decode(ftype: FrameType, h: FrameHeader, payload: bytes) -> Event:
         if ftype is FrameType.BATCH:
             return decode_batch(h.seqno, payload)
+        if ftype is FrameType.SEGMENT:
+            return decode_segment(h.seqno, payload)
         if ftype in (FrameType.TRX, FrameType.CCHANGE, FrameType.SKIP):
             return WriteSet(h.seqno, RecordType(ftype), payload)
         if ftype is FrameType.CTRL:
@@ -421,6 +449,11 @@ class Connection:
             self._check_records(event.seqno, 1, exc)
         elif isinstance(event, WriteSetBatch):
             self._check_records(event.first, len(event), exc)
+        elif isinstance(event, Segment):
+            self._check_segments(exc)
+            if not isinstance(event.count, int) or event.count < 1:
+                raise exc(f"SEGMENT count must be >= 1, not {event.count!r}")
+            self._check_records(event.first, event.count, exc)
         elif kind is Kind.CTRL_EOF:
             assert self.granted is not None and self.last_seqno is not None  # STREAMING implies both
             if self.last_seqno < self.granted.last:
@@ -441,7 +474,7 @@ class Connection:
                 self.last_seqno = event.first - 1
         elif isinstance(event, WriteSet):
             self.last_seqno = event.seqno
-        elif isinstance(event, WriteSetBatch):
+        elif isinstance(event, WriteSetBatch | Segment):
             self.last_seqno = event.last
         elif kind is Kind.CTRL_ERROR and sender is self.role:
             self._discarding = True
@@ -460,6 +493,8 @@ class Connection:
             return kind
         if isinstance(event, WriteSet | WriteSetBatch):
             return Kind.WRITE_SETS
+        if isinstance(event, Segment):
+            return Kind.SEGMENT
         if isinstance(event, Keepalive):
             return Kind.KEEPALIVE
         raise exc(f"{type(event).__name__} is not an event that can be sent")
@@ -489,6 +524,11 @@ class Connection:
             raise exc(f"donor granted IST from seqno {resp.first}, joiner asked from {hs.first}")
         if hs.last != SEQNO_NONE and resp.last > hs.last:
             raise exc(f"donor granted IST up to seqno {resp.last}, joiner asked up to {hs.last}")
+
+    def _check_segments(self, exc: type[ProtocolError]) -> None:
+        """SEGMENT frames are negotiated: the joiner's HANDSHAKE must have asked for them."""
+        if not self.segments:
+            raise exc("SEGMENT frames were not negotiated: the joiner's HANDSHAKE did not set SEGMENTS")
 
     def _check_records(self, first: int, count: int, exc: type[ProtocolError]) -> None:
         """Records first .. first+count-1 must continue the stream and stay in the granted range."""

@@ -30,6 +30,7 @@ __all__ = [
     "Keepalive",
     "RecordType",
     "RefusalReason",
+    "Segment",
     "TransferKind",
     "WriteSet",
     "WriteSetBatch",
@@ -91,6 +92,7 @@ class Handshake:
     node_name: str
     follow: bool = False  # keep streaming new write-sets after `last`
     auth: bytes = b""
+    segments: bool = False  # the donor may send SEGMENT frames (Segment events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,31 @@ class WriteSet:
     seqno: int
     type: RecordType
     payload: bytes | memoryview = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Consecutive records ``first .. first+count-1`` as ONE opaque blob (the fast path).
+
+    Only the layer above knows how ``blob`` splits into records; the protocol checks just that the
+    seqnos continue the stream and that ``count >= 1`` and ``len(blob) >= count`` (a record is at
+    least one byte). Sent only if the joiner's Handshake set ``segments``.
+    """
+
+    first: int
+    count: int
+    blob: bytes | memoryview
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def __repr__(self) -> str:
+        try:
+            size = f"blob_bytes={memoryview(self.blob).nbytes}"
+        except TypeError:  # not bytes-like: send() will say so
+            size = f"blob={type(self.blob).__name__}"
+        return f"Segment(first={self.first}, count={self.count}, {size})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,4 +260,6 @@ class WriteSetBatch:
         return f"WriteSetBatch(first={self.first}, count={len(self)}, data_bytes={len(self._view)})"
 
 
-Event = Handshake | HandshakeResponse | Ctrl | WriteSet | WriteSetBatch | Keepalive | ConnectionClosed
+Event = (
+    Handshake | HandshakeResponse | Ctrl | WriteSet | WriteSetBatch | Segment | Keepalive | ConnectionClosed
+)

@@ -2,7 +2,7 @@
 
 Every layout is a construct schema below. Handshakes are rare and small, so they are parsed by the
 interpreted schemas themselves (never ``compile()``d: see CONVENTIONS.md). The frame header and the
-BATCH payload are on the hot path and are handled by ``struct`` / ``memoryview.cast("I")`` code
+BATCH and SEGMENT payloads are on the hot path and are handled by ``struct`` / ``memoryview`` code
 written against the schemas; ``tests/test_protocol_fuzz.py`` proves with Hypothesis that the fast
 codecs and the schemas agree in both directions, on valid and on corrupt input.
 
@@ -47,6 +47,7 @@ from protocol.events import (
     HandshakeResponse,
     RecordType,
     RefusalReason,
+    Segment,
     TransferKind,
     WriteSetBatch,
 )
@@ -83,7 +84,7 @@ U32_MAX = 2**32 - 1
 
 
 class FrameType(enum.IntEnum):
-    """Header byte 1. 1-6 are Galera's T_* numbers; 7 and 8 are ours."""
+    """Header byte 1. 1-6 are Galera's T_* numbers; 7-9 are ours."""
 
     HANDSHAKE = 1
     HANDSHAKE_RESPONSE = 2
@@ -93,6 +94,7 @@ class FrameType(enum.IntEnum):
     SKIP = 6
     BATCH = 7
     KEEPALIVE = 8
+    SEGMENT = 9  # only if the joiner's HANDSHAKE set REQUEST_SEGMENTS
 
 
 MAGIC = b"ISTD"
@@ -105,7 +107,7 @@ HeaderSchema = Struct(
     "flags" / Int8ul,  # bit 0 F_PRELOAD (reserved), others 0
     "ctrl" / Int8sl,  # CTRL frames: C_OK, C_EOF or -errno; 0 otherwise
     "len" / Int32ul,  # payload bytes after the header
-    "seqno" / Int64sl,  # TRX/CCHANGE/SKIP: the record's; BATCH: its first record's; -1 otherwise
+    "seqno" / Int64sl,  # TRX/CCHANGE/SKIP: the record's; BATCH/SEGMENT: the first record's; else -1
     "header_crc" / Int32ul,  # zlib.crc32 of bytes [0, 16)
     "payload_crc" / Int32ul,  # zlib.crc32 of the payload (0 for an empty payload)
 )
@@ -119,12 +121,15 @@ HandshakeSchema = Struct(
     "first" / Int64sl,
     "last" / Int64sl,
     "accept" / Int8ul,  # Accept flags: 1 IST, 2 SST
-    "request" / Int8ul,  # request flags: 1 FOLLOW
+    "request" / Int8ul,  # request flags: REQUEST_FOLLOW | REQUEST_SEGMENTS; other bits rejected
     "node_name" / PascalString(Int8ul, "utf8"),
     "auth" / Prefixed(Int16ul, GreedyBytes),
     Terminated,
 )
+# Request flags: FOLLOW streams on past `last`; SEGMENTS lets the donor send SEGMENT frames.
 REQUEST_FOLLOW = 0x01
+REQUEST_SEGMENTS = 0x02
+REQUEST_MASK = REQUEST_FOLLOW | REQUEST_SEGMENTS
 # A plain int: ~ on an IntFlag stays inside the flag's known bits, and would hide unknown ones.
 ACCEPT_MASK = int(Accept.IST | Accept.SST)
 
@@ -160,6 +165,16 @@ BatchSchema = Struct(
     "sizes" / Array(this.count, Int32ul),
     Check(lambda ctx: all(s == 0 for t, s in zip(ctx.types, ctx.sizes, strict=True) if t == RecordType.SKIP)),
     "data" / Bytes(lambda ctx: sum(ctx.sizes)),
+    Terminated,
+)
+
+# A run of records as one opaque blob that only the layer above can split: the protocol checks that a
+# record is at least one byte, so `count` cannot claim more seqnos than the frame could hold.
+SegmentSchema = Struct(
+    "count" / Int32ul,
+    Check(this.count >= 1),
+    "blob" / GreedyBytes,
+    Check(lambda ctx: len(ctx.blob) >= ctx.count),
     Terminated,
 )
 
@@ -306,6 +321,47 @@ def encode_batch(batch: WriteSetBatch) -> tuple[bytes, bytes | memoryview]:
     return prefix, data
 
 
+# --- fast SEGMENT codec --------------------------------------------------------------------------
+
+
+def decode_segment(first: int, payload: bytes) -> Segment:
+    """Decode a SEGMENT payload (SegmentSchema) whose first record has seqno ``first``.
+
+    Returns a Segment whose ``blob`` is a zero-copy view of ``payload``. Raises RemoteProtocolError
+    (-EPROTO) if the payload is shorter than its count field, the count is 0, or the blob has fewer
+    bytes than the count.
+    """
+    total = len(payload)
+    if total < 4:
+        raise RemoteProtocolError(f"SEGMENT payload of {total} bytes is shorter than its count")
+    (count,) = _U32.unpack_from(payload)
+    if count < 1:
+        raise RemoteProtocolError("SEGMENT with 0 records")
+    if total - 4 < count:
+        raise RemoteProtocolError(f"SEGMENT of {count} records has a blob of only {total - 4} bytes")
+    return Segment(first, count, memoryview(payload)[4:])
+
+
+def encode_segment(segment: Segment) -> tuple[bytes, memoryview]:
+    """The SEGMENT payload as (count, blob); their concatenation is the payload.
+
+    Raises LocalProtocolError if the count is not in 1..2**32-1 or the blob is not a contiguous
+    bytes-like object of at least ``count`` bytes.
+    """
+    count = segment.count
+    if not isinstance(count, int) or not 1 <= count <= U32_MAX:
+        raise LocalProtocolError(f"SEGMENT count must be in 1..{U32_MAX}, not {count!r}")
+    try:
+        blob = memoryview(segment.blob)
+    except TypeError as exc:
+        raise LocalProtocolError(f"SEGMENT blob must be bytes-like: {exc}") from exc
+    if not blob.c_contiguous:
+        raise LocalProtocolError("SEGMENT blob must be contiguous")
+    if blob.nbytes < count:
+        raise LocalProtocolError(f"SEGMENT of {count} records has a blob of only {blob.nbytes} bytes")
+    return _U32.pack(count), blob
+
+
 # --- handshake payloads (construct, interpreted) ------------------------------------------------
 
 _PARSE_ERRORS = (construct.ConstructError, UnicodeError, ValueError, OverflowError)
@@ -352,7 +408,7 @@ def encode_handshake(hs: Handshake) -> bytes:
             first=hs.first,
             last=hs.last,
             accept=int(hs.accept),
-            request=REQUEST_FOLLOW if hs.follow else 0,
+            request=(REQUEST_FOLLOW if hs.follow else 0) | (REQUEST_SEGMENTS if hs.segments else 0),
             node_name=hs.node_name,
             auth=bytes(hs.auth),
         ),
@@ -362,7 +418,7 @@ def encode_handshake(hs: Handshake) -> bytes:
 def decode_handshake(payload: bytes) -> Handshake:
     """Parse a HANDSHAKE payload. Returns the event; raises RemoteProtocolError (-EPROTO) otherwise."""
     c = _parse(HandshakeSchema, payload, "HANDSHAKE")
-    if c.request & ~REQUEST_FOLLOW:
+    if c.request & ~REQUEST_MASK:
         raise RemoteProtocolError(f"HANDSHAKE has unknown request flags: {c.request:#x}")
     if c.accept & ~ACCEPT_MASK:
         raise RemoteProtocolError(f"HANDSHAKE has unknown accept flags: {c.accept:#x}")
@@ -376,6 +432,7 @@ def decode_handshake(payload: bytes) -> Handshake:
         node_name=c.node_name,
         follow=bool(c.request & REQUEST_FOLLOW),
         auth=c.auth,
+        segments=bool(c.request & REQUEST_SEGMENTS),
     )
     validate_handshake(hs, RemoteProtocolError)
     return hs
@@ -468,6 +525,9 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_HANDSHAKE_BYTES",
     "PROTOCOL_VERSION",
+    "REQUEST_FOLLOW",
+    "REQUEST_MASK",
+    "REQUEST_SEGMENTS",
     "SUPPORTED_VERSIONS",
     "BatchSchema",
     "FrameHeader",
@@ -475,12 +535,15 @@ __all__ = [
     "HandshakeResponseSchema",
     "HandshakeSchema",
     "HeaderSchema",
+    "SegmentSchema",
     "decode_batch",
     "decode_handshake",
     "decode_response",
+    "decode_segment",
     "encode_batch",
     "encode_handshake",
     "encode_response",
+    "encode_segment",
     "pack_header",
     "unpack_header",
 ]

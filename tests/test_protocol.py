@@ -37,6 +37,7 @@ from protocol import (
     RecordType,
     RefusalReason,
     Role,
+    Segment,
     State,
     TransferKind,
     WriteSet,
@@ -49,8 +50,11 @@ from protocol.wire import (
     FrameType,
     HandshakeResponseSchema,
     HandshakeSchema,
+    SegmentSchema,
     decode_batch,
+    decode_segment,
     encode_batch,
+    encode_segment,
     pack_header,
 )
 
@@ -96,6 +100,8 @@ TRX = WriteSet(11, RecordType.TRX, b"abc")
 CCHANGE = WriteSet(12, RecordType.CCHANGE, b"cc")
 SKIP = WriteSet(13, RecordType.SKIP, b"")
 BATCH = WriteSetBatch.from_payloads(14, bytes([4, 6, 5]), [b"hi", b"", b"c"])
+HANDSHAKE_SEG = dataclasses.replace(HANDSHAKE, segments=True)
+SEGMENT = Segment(12, 2, b"\x01x\x01y")  # seqnos 12, 13: fits between TRX (11) and BATCH (14-16)
 
 # Written by hand from the README's layouts; only the two CRC32s were computed (zlib.crc32).
 GOLDEN: dict[str, str] = {
@@ -125,6 +131,12 @@ GOLDEN: dict[str, str] = {
     ),
     "ctrl_eof": "01 03 00 01 00000000 ffffffffffffffff 4d695eca 00000000",
     "ctrl_eproto": "01 03 00 b9 00000000 ffffffffffffffff 18724e37 00000000",
+    "handshake_segments": (  # as "handshake", but request flags 3 = FOLLOW | SEGMENTS
+        "01 01 00 00 3b000000 ffffffffffffffff 5393f5da 7635950c"
+        " 49535444 01 01 0123456789abcdef 0123456789abcdef 0a00000000000000 0b00000000000000"
+        " 1400000000000000 03 03 05 6e6f646531 0300 746f6b"
+    ),
+    "segment": "01 09 00 00 08000000 0c00000000000000 1aae0265 407e9bf5 02000000 01780179",
 }
 
 
@@ -256,13 +268,21 @@ def _golden_cases() -> Iterator[tuple[str, Event, Callable[[], tuple[Connection,
     yield "batch", BATCH, after(TRX, CCHANGE, SKIP)
     yield "ctrl_eof", Ctrl(C_EOF), after(TRX, CCHANGE, SKIP, BATCH)
     yield "ctrl_eproto", Ctrl(-EPROTO), pair
+    yield "handshake_segments", HANDSHAKE_SEG, fresh
+
+    def segment_after_trx() -> tuple[Connection, Connection]:
+        joiner, donor = pair(HANDSHAKE_SEG)
+        feed(joiner, donor.send(TRX))
+        return joiner, donor
+
+    yield "segment", SEGMENT, segment_after_trx
 
 
 @pytest.mark.parametrize(("name", "event", "make"), list(_golden_cases()), ids=lambda v: str(v)[:20])
 def test_golden_bytes(name: str, event: Event, make: Callable[[], tuple[Connection, Connection]]) -> None:
     joiner, donor = make()
     # The event's sender: the donor sends responses, write-sets and EOF; the joiner the rest.
-    donor_sends = name in {"granted", "refused", "trx", "cchange", "skip", "batch", "ctrl_eof"}
+    donor_sends = name in {"granted", "refused", "trx", "cchange", "skip", "batch", "segment", "ctrl_eof"}
     sender, receiver = (donor, joiner) if donor_sends else (joiner, donor)
     data = sender.send(event)
     assert data.hex() == golden(name).hex()
@@ -713,7 +733,7 @@ def test_unknown_enum_values_in_response(changes: dict[str, object], match: str)
     ("payload", "match"),
     [
         (handshake_payload(accept=4), "unknown accept flags"),
-        (handshake_payload(request=2), "unknown request flags"),
+        (handshake_payload(request=4), "unknown request flags"),
         (handshake_payload(min_version=2, max_version=1), "versions"),
         (handshake_payload(min_version=0), "versions"),
         (handshake_payload(last_applied=-2), "last_applied"),
@@ -762,7 +782,7 @@ def test_malformed_batch(payload: bytes, match: str) -> None:
     ("frame", "match"),
     [
         (raw_frame(0), "unknown IST message type 0"),
-        (raw_frame(9), "unknown IST message type 9"),
+        (raw_frame(10), "unknown IST message type 10"),
         (raw_frame(FrameType.TRX, b"a", seqno=11, flags=0x02), "unknown flags 0x2"),
         (raw_frame(FrameType.TRX, b"a", seqno=11, ctrl=1), "TRX frame has ctrl 1"),
         (raw_frame(FrameType.CTRL, ctrl=5), "unknown ctrl code 5"),
@@ -853,3 +873,324 @@ def test_import_protocol_does_not_load_trio() -> None:
     code = "import sys, protocol; assert 'protocol.connection' in sys.modules; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- SEGMENT frames (negotiated) -----------------------------------------------------------------
+
+
+def _segment_payload(count: int, blob: bytes) -> bytes:
+    return count.to_bytes(4, "little") + blob
+
+
+SEGMENT_CONVERSATION: list[tuple[Role, Event]] = [
+    (Role.JOINER, HANDSHAKE_SEG),
+    (Role.DONOR, GRANTED),
+    (Role.JOINER, Ctrl(C_OK)),
+    (Role.DONOR, TRX),  # 11
+    (Role.DONOR, SEGMENT),  # 12-13
+    (Role.DONOR, Keepalive()),
+    (Role.DONOR, BATCH),  # 14-16
+    (Role.DONOR, Ctrl(C_EOF)),
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 24, 27, 28, 33])
+def test_segment_conversation_frame_by_frame(chunk: int | None) -> None:
+    conns = {Role.JOINER: Connection(Role.JOINER), Role.DONOR: Connection(Role.DONOR)}
+    for sender, event in SEGMENT_CONVERSATION:
+        receiver = conns[Role.DONOR if sender is Role.JOINER else Role.JOINER]
+        data = conns[sender].send(event)
+        if chunk == 1:
+            for i in range(len(data) - 1):
+                receiver.receive_data(data[i : i + 1])
+                assert receiver.next_event() is NEED_DATA
+            receiver.receive_data(data[-1:])
+            assert receiver.next_event() == event
+            assert receiver.next_event() is NEED_DATA
+        else:
+            assert feed(receiver, data, chunk) == [event]
+    for conn in conns.values():
+        assert conn.segments
+        assert conn.state is State.DONE and conn.last_seqno == 16
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, 24, 1000])
+def test_segments_and_batches_in_one_stream(chunk: int | None) -> None:
+    """SEGMENT, BATCH and single frames alternate with consecutive seqnos, in any split (follow)."""
+    joiner, donor = pair(HANDSHAKE_SEG)
+    events: list[Event] = [
+        Segment(11, 1, b"a"),
+        WriteSetBatch.from_payloads(12, b"\x04\x06", [b"b", b""]),
+        Segment(14, 3, b"cdefgh"),
+        Keepalive(),
+        WriteSet(17, RecordType.TRX, b"i"),  # past last = 16: following
+        Segment(18, 2, memoryview(bytearray(b"jk"))),
+        Ctrl(C_EOF),
+    ]
+    blob = b"".join(donor.send(e) for e in events)
+    assert feed(joiner, blob, chunk) == events
+    assert joiner.state is State.DONE and joiner.last_seqno == donor.last_seqno == 19
+
+
+def test_segment_with_trailing_bytes() -> None:
+    joiner, donor = pair(HANDSHAKE_SEG)
+    feed(joiner, donor.send(TRX))
+    seg, batch = donor.send(SEGMENT), donor.send(BATCH)
+    joiner.receive_data(seg + batch[:30])
+    assert joiner.next_event() == SEGMENT
+    assert joiner.last_seqno == 13
+    assert joiner.next_event() is NEED_DATA
+    joiner.receive_data(batch[30:])
+    assert joiner.next_event() == BATCH
+
+
+def test_received_segment_is_zero_copy() -> None:
+    joiner, donor = pair(HANDSHAKE_SEG)
+    [seg] = feed(joiner, donor.send(Segment(11, 3, memoryview(b"..xyz")[2:])))
+    assert isinstance(seg, Segment) and isinstance(seg.blob, memoryview)
+    assert (seg.first, seg.count, seg.last, bytes(seg.blob)) == (11, 3, 13, b"xyz")
+    assert repr(seg) == "Segment(first=11, count=3, blob_bytes=3)"
+
+
+def test_segment_in_the_transition_table() -> None:
+    assert TRANSITIONS[(State.STREAMING, Role.DONOR, Kind.SEGMENT)] is State.STREAMING
+    assert {(s, r) for s, r, k in TRANSITIONS if k is Kind.SEGMENT} == {(State.STREAMING, Role.DONOR)}
+    joiner, donor = pair(HANDSHAKE_SEG, ok=False)
+    with pytest.raises(LocalProtocolError, match="DONOR may not send SEGMENT in state OK"):
+        donor.send(Segment(11, 1, b"a"))
+    expect_remote(
+        joiner, raw_frame(FrameType.SEGMENT, _segment_payload(1, b"a"), seqno=11), "SEGMENT in state OK"
+    )
+    _, donor2 = pair(HANDSHAKE_SEG)
+    expect_remote(
+        donor2,
+        raw_frame(FrameType.SEGMENT, _segment_payload(1, b"a"), seqno=11),
+        "JOINER may not send SEGMENT in state STREAMING",
+    )
+
+
+def test_segment_not_negotiated() -> None:
+    joiner, donor = pair()  # HANDSHAKE did not set segments
+    assert not joiner.segments and not donor.segments
+    with pytest.raises(LocalProtocolError, match="SEGMENT frames were not negotiated"):
+        donor.send(Segment(11, 1, b"a"))
+    assert donor.state is State.STREAMING and donor.last_seqno == 10  # nothing changed
+    # the joiner rejects it from the header alone, before the payload is buffered
+    joiner.receive_data(raw_frame(FrameType.SEGMENT, _segment_payload(1, b"a"), seqno=11)[:24])
+    with pytest.raises(RemoteProtocolError, match="SEGMENT frames were not negotiated") as info:
+        joiner.next_event()
+    assert info.value.error_code == -EPROTO
+    # an SST grant's stream is no exception
+    sst = _replace(GRANTED, granted=TransferKind.SST, donor_uuid=U2, first=101, last=105)
+    _, d2 = pair(response=sst)
+    with pytest.raises(LocalProtocolError, match="not negotiated"):
+        d2.send(Segment(101, 1, b"a"))
+
+
+def test_segments_with_sst_grant_when_negotiated() -> None:
+    sst = _replace(GRANTED, granted=TransferKind.SST, donor_uuid=U2, first=101, last=102)
+    joiner, donor = pair(HANDSHAKE_SEG, sst)
+    assert feed(joiner, donor.send(Segment(101, 2, b"ab")) + donor.send(Ctrl(C_EOF))) == [
+        Segment(101, 2, b"ab"),
+        Ctrl(C_EOF),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (_segment_payload(0, b"abc"), "SEGMENT with 0 records"),
+        (_segment_payload(0, b""), "SEGMENT with 0 records"),
+        (_segment_payload(3, b"ab"), "SEGMENT of 3 records has a blob of only 2 bytes"),
+        (_segment_payload(1, b""), "blob of only 0 bytes"),
+        (_segment_payload(2**32 - 1, b"a"), "blob of only 1 bytes"),
+        (b"\x01\x00\x00", "shorter than its count"),
+        (b"", "shorter than its count"),
+    ],
+)
+def test_malformed_segment(payload: bytes, match: str) -> None:
+    joiner, _donor = pair(HANDSHAKE_SEG)
+    expect_remote(joiner, raw_frame(FrameType.SEGMENT, payload, seqno=11), match)
+
+
+@pytest.mark.parametrize(
+    ("segment", "match"),
+    [
+        (Segment(11, 0, b"abc"), "count must be >= 1, not 0"),
+        (Segment(11, -1, b"abc"), "count must be >= 1"),
+        (Segment(11, 3, b"ab"), "SEGMENT of 3 records has a blob of only 2 bytes"),
+        (Segment(11, 1, b""), "blob of only 0 bytes"),
+        (Segment(11, 1, "a"), "blob must be bytes-like"),  # type: ignore[arg-type]
+        (Segment(11, 1, memoryview(b"abcd")[::2]), "contiguous"),
+    ],
+)
+def test_bad_segment_cannot_be_sent(segment: Segment, match: str) -> None:
+    _, donor = pair(HANDSHAKE_SEG)
+    with pytest.raises(LocalProtocolError, match=match):
+        donor.send(segment)
+    assert donor.last_seqno == 10
+
+
+def test_segment_count_must_fit_u32() -> None:
+    with pytest.raises(LocalProtocolError, match=r"count must be in 1\.\.4294967295"):
+        encode_segment(Segment(0, 2**32, bytes(8)))
+
+
+def test_segment_seqno_gaps_across_frame_kinds() -> None:
+    # first frame is a SEGMENT at the wrong seqno
+    joiner, donor = pair(HANDSHAKE_SEG)
+    with pytest.raises(LocalProtocolError, match="IST started with wrong seqno: 12, expected: 11"):
+        donor.send(Segment(12, 1, b"a"))
+    expect_remote(
+        joiner,
+        raw_frame(FrameType.SEGMENT, _segment_payload(1, b"a"), seqno=12),
+        "IST started with wrong seqno: 12, expected: 11",
+    )
+    # BATCH then a SEGMENT that skips one seqno
+    joiner, donor = pair(HANDSHAKE_SEG)
+    feed(joiner, donor.send(WriteSetBatch.from_payloads(11, b"\x04\x04", [b"a", b"b"])))
+    with pytest.raises(LocalProtocolError, match="Unexpected action seqno: 14 expected: 13"):
+        donor.send(Segment(14, 1, b"a"))
+    expect_remote(
+        joiner,
+        raw_frame(FrameType.SEGMENT, _segment_payload(1, b"a"), seqno=14),
+        "Unexpected action seqno: 14 expected: 13",
+    )
+    # SEGMENT of 2 then a BATCH / TRX that skips, or repeats, a seqno
+    for bad in (14, 12, 11):
+        joiner, donor = pair(HANDSHAKE_SEG)
+        assert feed(joiner, donor.send(Segment(11, 2, b"ab"))) == [Segment(11, 2, b"ab")]
+        assert joiner.last_seqno == donor.last_seqno == 12
+        with pytest.raises(LocalProtocolError, match=f"Unexpected action seqno: {bad} expected: 13"):
+            donor.send(WriteSetBatch.from_payloads(bad, b"\x04", [b"x"]))
+        with pytest.raises(LocalProtocolError, match=f"Unexpected action seqno: {bad} expected: 13"):
+            donor.send(WriteSet(bad, RecordType.TRX, b"x"))
+        expect_remote(
+            joiner,
+            raw_frame(FrameType.TRX, b"x", seqno=bad),
+            f"Unexpected action seqno: {bad} expected: 13",
+        )
+    # SEGMENT after SEGMENT
+    joiner, donor = pair(HANDSHAKE_SEG)
+    feed(joiner, donor.send(Segment(11, 2, b"ab")))
+    expect_remote(
+        joiner,
+        raw_frame(FrameType.SEGMENT, _segment_payload(1, b"c"), seqno=12),
+        "Unexpected action seqno: 12 expected: 13",
+    )
+
+
+def test_eof_after_segment_that_ends_at_last() -> None:
+    joiner, donor = pair(HANDSHAKE_SEG)
+    seg = Segment(11, 6, b"abcdef")  # 11..16 = the whole grant
+    assert seg.last == 16
+    assert feed(joiner, donor.send(seg) + donor.send(Ctrl(C_EOF))) == [seg, Ctrl(C_EOF)]
+    assert joiner.state is donor.state is State.DONE
+    assert joiner.last_seqno == donor.last_seqno == 16
+
+
+def test_eof_after_segment_that_ends_before_last() -> None:
+    joiner, donor = pair(HANDSHAKE_SEG)
+    feed(joiner, donor.send(Segment(11, 5, b"abcde")))
+    with pytest.raises(LocalProtocolError, match="expected last: 16 last sent: 15"):
+        donor.send(Ctrl(C_EOF))
+    expect_remote(
+        joiner,
+        raw_frame(FrameType.CTRL, ctrl=1),
+        "IST didn't contain all write sets, expected last: 16 last received: 15",
+    )
+
+
+def test_segment_follow_mode_beyond_last() -> None:
+    joiner, donor = pair(HANDSHAKE_SEG)  # follow=True
+    assert joiner.follow
+    events: list[Event] = [Segment(11, 8, bytes(8)), Segment(19, 1, b"z"), WriteSet(20, RecordType.SKIP)]
+    assert feed(joiner, b"".join(donor.send(e) for e in events)) == events
+    assert joiner.last_seqno == donor.last_seqno == 20
+    assert feed(joiner, donor.send(Ctrl(C_EOF))) == [Ctrl(C_EOF)]
+
+
+def test_segment_not_following_stops_at_last() -> None:
+    joiner, donor = pair(_replace(HANDSHAKE_SEG, follow=False))
+    with pytest.raises(LocalProtocolError, match="past the granted last seqno 16"):
+        donor.send(Segment(11, 7, bytes(7)))  # straddles last
+    feed(joiner, donor.send(Segment(11, 6, bytes(6))))
+    with pytest.raises(LocalProtocolError, match="past the granted last seqno 16"):
+        donor.send(Segment(17, 1, b"x"))
+    # caught from the header when its first seqno is past last...
+    j2, _ = pair(_replace(HANDSHAKE_SEG, follow=False))
+    feed(j2, raw_frame(FrameType.SEGMENT, _segment_payload(6, bytes(6)), seqno=11))
+    j2.receive_data(raw_frame(FrameType.SEGMENT, _segment_payload(1, b"x"), seqno=17)[:24])
+    with pytest.raises(RemoteProtocolError, match="past the granted last seqno 16"):
+        j2.next_event()
+    # ... and after its payload when only its count takes it past
+    j3, _ = pair(_replace(HANDSHAKE_SEG, follow=False))
+    expect_remote(
+        j3,
+        raw_frame(FrameType.SEGMENT, _segment_payload(7, bytes(7)), seqno=11),
+        "write-set seqno 17 is past the granted last seqno 16",
+    )
+
+
+def test_segment_seqno_overflow() -> None:
+    top = 2**63 - 1
+    hs = _replace(HANDSHAKE_SEG, last_applied=top - 2, first=top - 1, last=-1)
+    grant = _replace(GRANTED, first=top - 1, last=top - 1)
+    joiner, donor = pair(hs, grant)
+    with pytest.raises(LocalProtocolError, match="overflows int64"):
+        donor.send(Segment(top - 1, 3, b"abc"))
+    expect_remote(
+        joiner, raw_frame(FrameType.SEGMENT, _segment_payload(3, b"abc"), seqno=top - 1), "overflows int64"
+    )
+
+
+def test_segment_frame_size_limit() -> None:
+    joiner, donor = pair(HANDSHAKE_SEG)
+    donor.max_frame_bytes = 10
+    with pytest.raises(LocalProtocolError, match="payload of 11 bytes exceeds the limit of 10"):
+        donor.send(Segment(11, 1, bytes(7)))
+    assert feed(joiner, donor.send(Segment(11, 1, bytes(6)))) == [Segment(11, 1, bytes(6))]
+    joiner.max_frame_bytes = 10
+    joiner.receive_data(raw_frame(FrameType.SEGMENT, seqno=12, length=11))  # the header only
+    with pytest.raises(RemoteProtocolError, match="SEGMENT frame of 11 bytes exceeds the limit of 10") as info:
+        joiner.next_event()
+    assert info.value.error_code == -EMSGSIZE
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (raw_frame(FrameType.SEGMENT, b"\x01\0\0\0a", seqno=11, ctrl=1), "SEGMENT frame has ctrl 1"),
+        (raw_frame(FrameType.SEGMENT, b"\x01\0\0\0a", seqno=11, flags=0x04), "unknown flags 0x4"),
+        (raw_frame(FrameType.SEGMENT, b"\x01\0\0\0a", seqno=-1), "wrong seqno: -1, expected: 11"),
+    ],
+)
+def test_malformed_segment_header(frame: bytes, match: str) -> None:
+    joiner, _ = pair(HANDSHAKE_SEG)
+    joiner.receive_data(frame[:24])
+    with pytest.raises(RemoteProtocolError, match=match):
+        joiner.next_event()
+
+
+def test_segment_codec_matches_schema() -> None:
+    payload = _segment_payload(2, b"\x01x\x01y")
+    parsed = SegmentSchema.parse(payload)
+    assert (parsed.count, parsed.blob) == (2, b"\x01x\x01y")
+    assert SegmentSchema.build(dict(count=2, blob=b"\x01x\x01y")) == payload
+    count, blob = encode_segment(SEGMENT)
+    assert count + bytes(blob) == payload
+    assert decode_segment(12, payload) == SEGMENT
+
+
+def test_handshake_request_flags() -> None:
+    for request, follow, segments in [(0, False, False), (1, True, False), (2, False, True), (3, True, True)]:
+        donor = Connection(Role.DONOR)
+        [hs] = feed(donor, raw_frame(FrameType.HANDSHAKE, handshake_payload(request=request)))
+        assert isinstance(hs, Handshake) and (hs.follow, hs.segments) == (follow, segments)
+        assert (donor.follow, donor.segments) == (follow, segments)
+    for request in (4, 5, 7, 0x80):
+        expect_remote(
+            Connection(Role.DONOR),
+            raw_frame(FrameType.HANDSHAKE, handshake_payload(request=request)),
+            f"unknown request flags: {request:#x}",
+        )

@@ -29,6 +29,7 @@ from protocol import (
     RecordType,
     RefusalReason,
     Role,
+    Segment,
     State,
     TransferKind,
     WriteSet,
@@ -39,8 +40,11 @@ from protocol.wire import (
     HEADER_BYTES,
     BatchSchema,
     HeaderSchema,
+    SegmentSchema,
     decode_batch,
+    decode_segment,
     encode_batch,
+    encode_segment,
     pack_header,
     unpack_header,
 )
@@ -171,6 +175,74 @@ def test_valid_batches_decode_both_ways(records: list[tuple[RecordType, bytes]])
     ]
 
 
+# --- fast SEGMENT codec == SegmentSchema ---------------------------------------------------------
+
+
+@st.composite
+def segments(draw: st.DrawFn) -> tuple[int, bytes]:
+    """(count, blob) of a valid SEGMENT payload: a blob of at least ``count`` bytes."""
+    count = draw(st.integers(1, 40))
+    return count, draw(st.binary(min_size=count, max_size=count + draw(st.integers(0, 40))))
+
+
+def _schema_segment(payload: bytes) -> tuple[int, bytes] | None:
+    try:
+        c = SegmentSchema.parse(payload)
+    except construct.ConstructError:
+        return None
+    return c.count, bytes(c.blob)
+
+
+def _fast_segment(payload: bytes) -> tuple[int, bytes] | None:
+    try:
+        segment = decode_segment(5, payload)
+    except RemoteProtocolError:
+        return None
+    assert segment.first == 5 and segment.last == 4 + segment.count
+    return segment.count, bytes(segment.blob)
+
+
+@st.composite
+def segment_payloads(draw: st.DrawFn) -> bytes:
+    """Valid SEGMENT payloads, and mutations of them (count field and length) that may not be."""
+    count, blob = draw(segments())
+    payload = bytearray(SegmentSchema.build(dict(count=count, blob=blob)))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["count", "set", "truncate", "insert"]))
+        if op == "count":
+            new = draw(st.sampled_from([0, 1, len(payload) - 4, len(payload) - 3, 2**32 - 1]))
+            payload[:4] = max(new, 0).to_bytes(4, "little")
+        elif op == "set" and payload:
+            payload[draw(st.integers(0, len(payload) - 1))] = draw(st.integers(0, 255))
+        elif op == "truncate":
+            del payload[draw(st.integers(0, len(payload))) :]
+        else:
+            at = draw(st.integers(0, len(payload)))
+            payload[at:at] = draw(st.binary(min_size=1, max_size=4))
+    return bytes(payload)
+
+
+@FUZZ
+@given(segments(), SEQNO)
+def test_fast_segment_builder_equals_schema(segment: tuple[int, bytes], first: int) -> None:
+    count, blob = segment
+    prefix, view = encode_segment(Segment(first, count, blob))
+    assert prefix + bytes(view) == SegmentSchema.build(dict(count=count, blob=blob))
+
+
+@FUZZ
+@given(st.one_of(segment_payloads(), st.binary(max_size=16)))
+def test_fast_segment_decoder_equals_schema(payload: bytes) -> None:
+    assert _fast_segment(payload) == _schema_segment(payload)
+
+
+@FUZZ
+@given(segments())
+def test_valid_segments_decode_both_ways(segment: tuple[int, bytes]) -> None:
+    payload = bytes(SegmentSchema.build(dict(count=segment[0], blob=segment[1])))
+    assert _fast_segment(payload) == _schema_segment(payload) == segment
+
+
 # --- handshakes round-trip -----------------------------------------------------------------------
 
 HANDSHAKES = st.builds(
@@ -184,6 +256,7 @@ HANDSHAKES = st.builds(
     node_name=st.text(max_size=60),
     follow=st.booleans(),
     auth=st.binary(max_size=300),
+    segments=st.booleans(),
 )
 
 
@@ -319,7 +392,7 @@ def test_random_bytes_raise_only_remote_protocol_error(data: bytes, chunks: list
 
 def _streaming_pair(follow: bool) -> tuple[Connection, Connection]:
     joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    _feed_all(donor, joiner.send(Handshake(U, 0, 1, 6, Accept.IST, (1, 1), "j", follow=follow)))
+    _feed_all(donor, joiner.send(_joiner_handshake(follow, segments=True)))
     _feed_all(
         joiner, donor.send(HandshakeResponse(TransferKind.IST, 1, RefusalReason.NONE, U, 1, 6, 0, 0, 6))
     )
@@ -327,12 +400,19 @@ def _streaming_pair(follow: bool) -> tuple[Connection, Connection]:
     return joiner, donor
 
 
+def _joiner_handshake(follow: bool, segments: bool) -> Handshake:
+    return Handshake(U, 0, 1, 6, Accept.IST, (1, 1), "j", follow=follow, segments=segments)
+
+
 @st.composite
-def donor_frames(draw: st.DrawFn) -> tuple[bool, list[bytes], list[Event]]:
-    """A valid donor byte stream, frame by frame, after the joiner's HANDSHAKE (first=1, last=6)."""
-    follow = draw(st.booleans())
+def donor_frames(draw: st.DrawFn) -> tuple[Handshake, list[bytes], list[Event]]:
+    """A valid donor byte stream, frame by frame, after the joiner's HANDSHAKE (first=1, last=6).
+
+    If the HANDSHAKE asked for segments, SEGMENT, BATCH and single frames are mixed."""
+    handshake = _joiner_handshake(draw(st.booleans()), draw(st.booleans()))
+    follow = handshake.follow
     joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    _feed_all(donor, joiner.send(Handshake(U, 0, 1, 6, Accept.IST, (1, 1), "j", follow=follow)))
+    _feed_all(donor, joiner.send(handshake))
     events: list[Event] = [HandshakeResponse(TransferKind.IST, 1, RefusalReason.NONE, U, 1, 6, 0, 0, 6)]
     frames = [donor.send(events[0])]
     _feed_all(joiner, frames[0])
@@ -343,6 +423,12 @@ def donor_frames(draw: st.DrawFn) -> tuple[bool, list[bytes], list[Event]]:
             frames.append(donor.send(Keepalive()))
             events.append(Keepalive())
         count = draw(st.integers(1, last - seqno + 1))
+        if handshake.segments and draw(st.booleans()):
+            blob = draw(st.binary(min_size=count, max_size=count + 20))
+            frames.append(donor.send(Segment(seqno, count, blob)))
+            events.append(Segment(seqno, count, blob))
+            seqno += count
+            continue
         records = draw(st.lists(RECORD, min_size=count, max_size=count))
         if count == 1 and draw(st.booleans()):
             event: Event = WriteSet(seqno, *records[0])
@@ -353,11 +439,13 @@ def donor_frames(draw: st.DrawFn) -> tuple[bool, list[bytes], list[Event]]:
         seqno += count
     frames.append(donor.send(Ctrl(C_EOF)))
     events.append(Ctrl(C_EOF))
-    return follow, frames, events
+    return handshake, frames, events
 
 
 JOINER_FRAMES = [
-    Connection(Role.JOINER).send(Handshake(U, 0, 1, -1, Accept.IST, (1, 1), "joiner", auth=b"secret")),
+    Connection(Role.JOINER).send(
+        Handshake(U, 0, 1, -1, Accept.IST, (1, 1), "joiner", auth=b"secret", segments=True)
+    ),
     pack_header(1, 8, 0, 0, 0, -1, 0),  # KEEPALIVE
     pack_header(1, 3, 0, 0, 0, -1, 0),  # CTRL(OK)
     pack_header(1, 8, 0, 0, 0, -1, 0),
@@ -432,10 +520,36 @@ def mutate(draw: st.DrawFn, frames: list[bytes]) -> bytes:
 def test_mutated_donor_stream_raises_only_remote_protocol_error(
     data: st.DataObject, chunks: list[int]
 ) -> None:
-    follow, frames, _ = data.draw(donor_frames())
+    handshake, frames, _ = data.draw(donor_frames())
     joiner = Connection(Role.JOINER)
-    joiner.send(Handshake(U, 0, 1, 6, Accept.IST, (1, 1), "j", follow=follow))
+    # Sometimes the joiner did not ask for the segments the donor sends: still only RemoteProtocolError.
+    joiner.send(handshake if data.draw(st.booleans()) else _joiner_handshake(handshake.follow, False))
     survive(joiner, data.draw(mutate(frames)), chunks, joiner_reacts(joiner))
+
+
+@FUZZ
+@given(donor_frames(), CHUNKS)
+def test_unnegotiated_segments_are_rejected(
+    stream: tuple[Handshake, list[bytes], list[Event]], chunks: list[int]
+) -> None:
+    """A valid stream with SEGMENT frames, to a joiner that did not ask for them, fails at the first."""
+    handshake, frames, expected = stream
+    joiner = Connection(Role.JOINER)
+    joiner.send(_joiner_handshake(handshake.follow, segments=False))
+    seen: list[Event] = []
+
+    def react(event: Event) -> None:
+        seen.append(event)
+        joiner_reacts(joiner)(event)
+
+    first_segment = next((i for i, e in enumerate(expected) if isinstance(e, Segment)), None)
+    try:
+        drive(joiner, b"".join(frames), chunks, react)
+    except RemoteProtocolError as exc:
+        assert first_segment is not None and "not negotiated" in str(exc)
+        assert seen == expected[:first_segment]
+    else:
+        assert first_segment is None and seen == expected
 
 
 @FUZZ
@@ -450,12 +564,12 @@ def test_mutated_joiner_stream_raises_only_remote_protocol_error(
 @FUZZ
 @given(donor_frames(), CHUNKS)
 def test_valid_donor_stream_parses_back(
-    stream: tuple[bool, list[bytes], list[Event]], chunks: list[int]
+    stream: tuple[Handshake, list[bytes], list[Event]], chunks: list[int]
 ) -> None:
     """The generator of the mutation tests makes valid streams: unmutated, they parse back exactly."""
-    follow, frames, expected = stream
+    handshake, frames, expected = stream
     joiner = Connection(Role.JOINER)
-    joiner.send(Handshake(U, 0, 1, 6, Accept.IST, (1, 1), "j", follow=follow))
+    joiner.send(handshake)
     seen: list[Event] = []
 
     def react(event: Event) -> None:
