@@ -17,6 +17,14 @@ Both ends hold a ``Connection``; the joiner connects to the donor (port 4568)::
     A negative CTRL (-errno) from either side aborts.
     SEGMENT frames only if the joiner's HANDSHAKE asked for them (``Handshake.segments``).
 
+Cluster mode (the writer's group port 4567) uses the same frames and table::
+
+    SUBSCRIBE (a HANDSHAKE request flag): "start at your position and follow". The grant may start
+        anywhere >= 1 (first = donor_last + 1, last = donor_last: empty), then new write-sets flow.
+    CTRL(FC_STOP) / CTRL(FC_CONT): joiner -> donor during a follow or subscribe stream (flow control).
+    STATUS_REQUEST ---------------------------->  (instead of HANDSHAKE; payload opaque, e.g. JSON)
+                   <----------------------------  STATUS     then DONE: both sides close
+
 The conversation has ONE state, seen identically by both ends, because the messages strictly
 alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, keyed by
 (state, sender role, event kind)::
@@ -28,15 +36,20 @@ alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, k
     STREAMING  --donor TRX/CCHANGE/SKIP/BATCH--> STREAMING
     STREAMING  --donor SEGMENT-->              STREAMING  (if negotiated)
     STREAMING  --donor CTRL(EOF)-->            DONE
+    STREAMING  --joiner CTRL(FC_STOP/FC_CONT)--> STREAMING  (follow/subscribe streams only)
+    DONE       --joiner CTRL(FC_STOP/FC_CONT)--> DONE       (may cross the EOF; same condition)
+    HANDSHAKE  --joiner STATUS_REQUEST-->      STATUS
+    STATUS     --donor STATUS-->               DONE
     any state  --either CTRL(-errno)-->        FAILED
-    RESPONSE, OK, STREAMING, DONE, REFUSED --either KEEPALIVE--> unchanged
+    RESPONSE, OK, STREAMING, DONE, REFUSED, STATUS --either KEEPALIVE--> unchanged
 
 ``send()`` checks the table for our role and raises LocalProtocolError; ``next_event()`` checks it
 for the peer's role and raises RemoteProtocolError. Checks that need more than the table
 (consecutive seqnos, the granted range, the EOF position, a grant consistent with the request)
-run in ``_check()`` for both directions with the exception class of that direction. One of them
-is negotiation: a SEGMENT is allowed only if the joiner's HANDSHAKE set ``segments``; it is checked
-from the header, with the table, before the payload is buffered.
+run in ``_check()`` for both directions with the exception class of that direction. Two of them
+are negotiation: a SEGMENT is allowed only if the joiner's HANDSHAKE set ``segments`` (checked from
+the header, with the table, before the payload is buffered), and CTRL(FC_STOP/FC_CONT) only if it
+set ``follow`` or ``subscribe``.
 
 Framing: wait for the 24-byte header, check its CRC, version, type and length (against the frame
 limit, and against the state table and the next expected seqno) BEFORE buffering the payload; then
@@ -54,6 +67,8 @@ from istd.errors import EINVAL, LocalProtocolError, ProtocolError, RemoteProtoco
 from protocol._buffer import ReceiveBuffer
 from protocol.events import (
     C_EOF,
+    C_FC_CONT,
+    C_FC_STOP,
     C_OK,
     Accept,
     ConnectionClosed,
@@ -64,6 +79,8 @@ from protocol.events import (
     Keepalive,
     RecordType,
     Segment,
+    Status,
+    StatusRequest,
     TransferKind,
     WriteSet,
     WriteSetBatch,
@@ -76,6 +93,7 @@ from protocol.wire import (
     I64_MAX,
     MAX_FRAME_BYTES,
     MAX_HANDSHAKE_BYTES,
+    MAX_STATUS_BYTES,
     SEQNO_NONE,
     SUPPORTED_VERSIONS,
     U32_MAX,
@@ -110,13 +128,14 @@ class Role(enum.Enum):
 
 
 class State(enum.Enum):
-    HANDSHAKE = "HANDSHAKE"  # waiting for the joiner's HANDSHAKE
+    HANDSHAKE = "HANDSHAKE"  # waiting for the joiner's HANDSHAKE (or STATUS_REQUEST)
     RESPONSE = "RESPONSE"  # waiting for the donor's HANDSHAKE_RESPONSE
     OK = "OK"  # granted; waiting for the joiner's CTRL(OK)
     STREAMING = "STREAMING"  # the donor sends write-sets, then CTRL(EOF)
-    DONE = "DONE"  # EOF sent/received: the transfer is complete
+    DONE = "DONE"  # EOF (or STATUS) sent/received: the conversation is complete
     REFUSED = "REFUSED"  # the donor refused
     FAILED = "FAILED"  # a negative CTRL went one way or the other
+    STATUS = "STATUS"  # STATUS_REQUEST seen; waiting for the donor's STATUS
 
 
 class Kind(enum.Enum):
@@ -131,6 +150,10 @@ class Kind(enum.Enum):
     WRITE_SETS = "write-set"
     SEGMENT = "SEGMENT"
     KEEPALIVE = "KEEPALIVE"
+    CTRL_FC_STOP = "CTRL(FC_STOP)"
+    CTRL_FC_CONT = "CTRL(FC_CONT)"
+    STATUS_REQUEST = "STATUS_REQUEST"
+    STATUS = "STATUS"
 
 
 class _Sentinel(enum.Enum):
@@ -153,10 +176,20 @@ TRANSITIONS: dict[tuple[State, Role, Kind], State] = {
     (State.STREAMING, _D, Kind.WRITE_SETS): State.STREAMING,
     (State.STREAMING, _D, Kind.SEGMENT): State.STREAMING,  # only if negotiated: _check_segments()
     (State.STREAMING, _D, Kind.CTRL_EOF): State.DONE,
-    # Keepalives: after the HANDSHAKE, either way, even in DONE/REFUSED (one may cross the EOF).
+    # Flow control: from the joiner of a follow/subscribe stream only (_check_flow_control()), in DONE
+    # too because one may cross the EOF. The state does not change: pausing is the layer above's.
+    **{
+        (state, _J, kind): state
+        for state in (State.STREAMING, State.DONE)
+        for kind in (Kind.CTRL_FC_STOP, Kind.CTRL_FC_CONT)
+    },
+    # Status exchange (cluster mode): one request instead of the HANDSHAKE, one answer, done.
+    (State.HANDSHAKE, _J, Kind.STATUS_REQUEST): State.STATUS,
+    (State.STATUS, _D, Kind.STATUS): State.DONE,
+    # Keepalives: after the first message, either way, even in DONE/REFUSED (one may cross the EOF).
     **{
         (state, role, Kind.KEEPALIVE): state
-        for state in (State.RESPONSE, State.OK, State.STREAMING, State.DONE, State.REFUSED)
+        for state in (State.RESPONSE, State.OK, State.STREAMING, State.DONE, State.REFUSED, State.STATUS)
         for role in Role
     },
     # Errors: from anywhere, either way (two errors may cross; an error may cross the EOF).
@@ -171,8 +204,19 @@ _KIND_OF_FRAME = {
     FrameType.BATCH: Kind.WRITE_SETS,
     FrameType.SEGMENT: Kind.SEGMENT,
     FrameType.KEEPALIVE: Kind.KEEPALIVE,
+    FrameType.STATUS_REQUEST: Kind.STATUS_REQUEST,
+    FrameType.STATUS: Kind.STATUS,
 }
-_HANDSHAKE_FRAMES = frozenset({FrameType.HANDSHAKE, FrameType.HANDSHAKE_RESPONSE})
+_CTRL_KINDS = {C_OK: Kind.CTRL_OK, C_EOF: Kind.CTRL_EOF, C_FC_STOP: Kind.CTRL_FC_STOP, C_FC_CONT: Kind.CTRL_FC_CONT}
+_FC_KINDS = frozenset({Kind.CTRL_FC_STOP, Kind.CTRL_FC_CONT})
+# Frames read before anything is negotiated: they always carry HANDSHAKE_VERSION and have a small
+# size limit of their own, checked from the header (an unauthenticated peer cannot make us hold more).
+_PRE_NEGOTIATION_LIMITS = {
+    FrameType.HANDSHAKE: MAX_HANDSHAKE_BYTES,
+    FrameType.HANDSHAKE_RESPONSE: MAX_HANDSHAKE_BYTES,
+    FrameType.STATUS_REQUEST: MAX_STATUS_BYTES,
+    FrameType.STATUS: MAX_STATUS_BYTES,
+}
 _EMPTY_FRAMES = frozenset({FrameType.CTRL, FrameType.KEEPALIVE, FrameType.SKIP})
 _RECORD_FRAMES = frozenset(
     {FrameType.TRX, FrameType.CCHANGE, FrameType.SKIP, FrameType.BATCH, FrameType.SEGMENT}
@@ -187,13 +231,9 @@ def negotiate_version(theirs: tuple[int, int], ours: tuple[int, int]) -> int | N
 
 
 def _ctrl_kind(code: int) -> Kind | None:
-    if code == C_OK:
-        return Kind.CTRL_OK
-    if code == C_EOF:
-        return Kind.CTRL_EOF
     if _CTRL_MIN <= code < 0:
         return Kind.CTRL_ERROR
-    return None
+    return _CTRL_KINDS.get(code)
 
 
 class Connection:
@@ -212,6 +252,8 @@ class Connection:
         self._discarding = False  # we sent a negative CTRL: drop what the peer had in flight
         self.handshake: Handshake | None = None
         self.granted: HandshakeResponse | None = None
+        self.status_request: StatusRequest | None = None  # status conversations (cluster mode)
+        self.status: Status | None = None
         self.version: int | None = None  # negotiated protocol version, once granted
         # Last write-set seqno sent (donor) or received (joiner); granted.first - 1 until the first.
         self.last_seqno: int | None = None
@@ -228,7 +270,14 @@ class Connection:
 
     @property
     def follow(self) -> bool:
-        return self.handshake is not None and self.handshake.follow
+        """True if the stream goes on past ``granted.last``: the HANDSHAKE set FOLLOW or SUBSCRIBE."""
+        hs = self.handshake
+        return hs is not None and (hs.follow or hs.subscribe)
+
+    @property
+    def subscribe(self) -> bool:
+        """True if the joiner's HANDSHAKE set SUBSCRIBE (start at the donor's position, then follow)."""
+        return self.handshake is not None and self.handshake.subscribe
 
     @property
     def segments(self) -> bool:
@@ -280,6 +329,11 @@ class Connection:
                 ftype, payload = FrameType.HANDSHAKE_RESPONSE, encode_response(event)
             version = HANDSHAKE_VERSION
             self._check_send_length(len(payload), min(self.max_frame_bytes, MAX_HANDSHAKE_BYTES))
+        elif isinstance(event, StatusRequest | Status):
+            ftype = FrameType.STATUS_REQUEST if isinstance(event, StatusRequest) else FrameType.STATUS
+            payload = event.payload
+            version = HANDSHAKE_VERSION
+            self._check_send_length(memoryview(payload).nbytes, min(self.max_frame_bytes, MAX_STATUS_BYTES))
         elif isinstance(event, Ctrl):
             ftype, ctrl = FrameType.CTRL, event.code
         elif isinstance(event, Keepalive):
@@ -371,8 +425,8 @@ class Connection:
         if h.type not in FrameType._value2member_map_:
             raise RemoteProtocolError(f"unknown IST message type {h.type}")
         ftype = FrameType(h.type)
-        if ftype in _HANDSHAKE_FRAMES:
-            expected, limit = HANDSHAKE_VERSION, min(self.max_frame_bytes, MAX_HANDSHAKE_BYTES)
+        if ftype in _PRE_NEGOTIATION_LIMITS:
+            expected, limit = HANDSHAKE_VERSION, min(self.max_frame_bytes, _PRE_NEGOTIATION_LIMITS[ftype])
         else:
             expected = self.version if self.version is not None else HANDSHAKE_VERSION
             limit = self.max_frame_bytes
@@ -425,6 +479,10 @@ class Connection:
             return Ctrl(h.ctrl)
         if ftype is FrameType.KEEPALIVE:
             return Keepalive()
+        if ftype is FrameType.STATUS_REQUEST:
+            return StatusRequest(payload)
+        if ftype is FrameType.STATUS:
+            return Status(payload)
         if ftype is FrameType.HANDSHAKE:
             return decode_handshake(payload)
         return decode_response(payload)
@@ -454,6 +512,15 @@ class Connection:
             if not isinstance(event.count, int) or event.count < 1:
                 raise exc(f"SEGMENT count must be >= 1, not {event.count!r}")
             self._check_records(event.first, event.count, exc)
+        elif isinstance(event, StatusRequest | Status):
+            try:
+                contiguous = memoryview(event.payload).c_contiguous
+            except TypeError as err:
+                raise exc(f"{kind.value} payload must be bytes-like: {err}") from err
+            if not contiguous:
+                raise exc(f"{kind.value} payload must be contiguous")
+        elif kind in _FC_KINDS:
+            self._check_flow_control(kind, exc)
         elif kind is Kind.CTRL_EOF:
             assert self.granted is not None and self.last_seqno is not None  # STREAMING implies both
             if self.last_seqno < self.granted.last:
@@ -476,6 +543,10 @@ class Connection:
             self.last_seqno = event.seqno
         elif isinstance(event, WriteSetBatch | Segment):
             self.last_seqno = event.last
+        elif isinstance(event, StatusRequest):
+            self.status_request = event
+        elif isinstance(event, Status):
+            self.status = event
         elif kind is Kind.CTRL_ERROR and sender is self.role:
             self._discarding = True
         self._state = new_state
@@ -489,7 +560,7 @@ class Connection:
         if isinstance(event, Ctrl):
             kind = _ctrl_kind(event.code) if isinstance(event.code, int) else None
             if kind is None:
-                raise exc(f"unknown ctrl code {event.code!r} (0 OK, 1 EOF, -128..-1 -errno)")
+                raise exc(f"unknown ctrl code {event.code!r} (0 OK, 1 EOF, 2 FC_STOP, 3 FC_CONT, -128..-1 -errno)")
             return kind
         if isinstance(event, WriteSet | WriteSetBatch):
             return Kind.WRITE_SETS
@@ -497,6 +568,10 @@ class Connection:
             return Kind.SEGMENT
         if isinstance(event, Keepalive):
             return Kind.KEEPALIVE
+        if isinstance(event, StatusRequest):
+            return Kind.STATUS_REQUEST
+        if isinstance(event, Status):
+            return Kind.STATUS
         raise exc(f"{type(event).__name__} is not an event that can be sent")
 
     def _check_response(self, resp: HandshakeResponse, exc: type[ProtocolError]) -> None:
@@ -520,7 +595,11 @@ class Connection:
             raise exc("donor granted IST, but the joiner does not accept IST")
         if resp.donor_uuid != hs.cluster_uuid:
             raise exc(f"donor granted IST of history {resp.donor_uuid}, joiner asked for {hs.cluster_uuid}")
-        if resp.first != hs.first:
+        if hs.subscribe:
+            # "from your current position": the joiner's own first is irrelevant; seqnos start at 1.
+            if resp.first < 1:
+                raise exc(f"donor granted a subscription from seqno {resp.first}, seqnos start at 1")
+        elif resp.first != hs.first:
             raise exc(f"donor granted IST from seqno {resp.first}, joiner asked from {hs.first}")
         if hs.last != SEQNO_NONE and resp.last > hs.last:
             raise exc(f"donor granted IST up to seqno {resp.last}, joiner asked up to {hs.last}")
@@ -529,6 +608,14 @@ class Connection:
         """SEGMENT frames are negotiated: the joiner's HANDSHAKE must have asked for them."""
         if not self.segments:
             raise exc("SEGMENT frames were not negotiated: the joiner's HANDSHAKE did not set SEGMENTS")
+
+    def _check_flow_control(self, kind: Kind, exc: type[ProtocolError]) -> None:
+        """FC_STOP/FC_CONT pace a stream that has no end of its own: follow and subscribe streams only."""
+        if not self.follow:
+            raise exc(
+                f"{kind.value} is only for follow and subscribe streams: "
+                "the joiner's HANDSHAKE set neither FOLLOW nor SUBSCRIBE"
+            )
 
     def _check_records(self, first: int, count: int, exc: type[ProtocolError]) -> None:
         """Records first .. first+count-1 must continue the stream and stay in the granted range."""

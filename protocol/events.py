@@ -20,6 +20,8 @@ from istd.errors import LocalProtocolError
 
 __all__ = [
     "C_EOF",
+    "C_FC_CONT",
+    "C_FC_STOP",
     "C_OK",
     "Accept",
     "ConnectionClosed",
@@ -31,6 +33,8 @@ __all__ = [
     "RecordType",
     "RefusalReason",
     "Segment",
+    "Status",
+    "StatusRequest",
     "TransferKind",
     "WriteSet",
     "WriteSetBatch",
@@ -39,6 +43,10 @@ __all__ = [
 # Ctrl codes, as in Galera's ist_proto.hpp; a negative code is -errno (an error report).
 C_OK = 0
 C_EOF = 1
+# Flow control, ours (cluster mode): the joiner of a follow/subscribe stream asks the donor to pause
+# sending new write-sets (it fell behind) and to go on again. Positive, so never taken for -errno.
+C_FC_STOP = 2
+C_FC_CONT = 3
 
 
 class Accept(enum.IntFlag):
@@ -93,6 +101,10 @@ class Handshake:
     follow: bool = False  # keep streaming new write-sets after `last`
     auth: bytes = b""
     segments: bool = False  # the donor may send SEGMENT frames (Segment events)
+    # Cluster mode: "start at your current position and follow". The donor grants an IST that may
+    # start anywhere >= 1 (by convention first = donor_last + 1, last = donor_last: empty), then
+    # streams every new write-set. Implies follow for stream validation, whatever `follow` says.
+    subscribe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +126,7 @@ class HandshakeResponse:
 
 @dataclass(frozen=True, slots=True)
 class Ctrl:
-    """A control message: C_OK, C_EOF, or a negative -errno error report."""
+    """A control message: C_OK, C_EOF, C_FC_STOP, C_FC_CONT, or a negative -errno error report."""
 
     code: int
 
@@ -151,6 +163,25 @@ class Segment:
         except TypeError:  # not bytes-like: send() will say so
             size = f"blob={type(self.blob).__name__}"
         return f"Segment(first={self.first}, count={self.count}, {size})"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Client -> server, instead of a Handshake: "here is my status, send me yours".
+
+    ``payload`` is opaque to the protocol (istd puts JSON there: the requester's own status and,
+    optionally, an announcement); at most MAX_STATUS_BYTES."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Server -> client, the answer to a StatusRequest; then the conversation is DONE.
+
+    ``payload`` is opaque to the protocol (istd: JSON); at most MAX_STATUS_BYTES."""
+
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,5 +292,14 @@ class WriteSetBatch:
 
 
 Event = (
-    Handshake | HandshakeResponse | Ctrl | WriteSet | WriteSetBatch | Segment | Keepalive | ConnectionClosed
+    Handshake
+    | HandshakeResponse
+    | Ctrl
+    | WriteSet
+    | WriteSetBatch
+    | Segment
+    | Keepalive
+    | ConnectionClosed
+    | StatusRequest
+    | Status
 )

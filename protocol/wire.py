@@ -73,6 +73,10 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 # its header alone, before a byte of it is buffered, so an unauthenticated peer cannot make us hold
 # more than this.
 MAX_HANDSHAKE_BYTES = 64 * 1024
+# A STATUS_REQUEST or STATUS payload is one node's status as JSON (a few hundred bytes to a few KiB);
+# like a handshake it comes before any authentication, so it is bounded the same way and rejected
+# from its header alone.
+MAX_STATUS_BYTES = 64 * 1024
 # Ctrl code for "frame too large". Ctrl codes are Linux errno values on the wire, as in Galera;
 # istd.errors does not define this one.
 EMSGSIZE = 90
@@ -84,7 +88,7 @@ U32_MAX = 2**32 - 1
 
 
 class FrameType(enum.IntEnum):
-    """Header byte 1. 1-6 are Galera's T_* numbers; 7-9 are ours."""
+    """Header byte 1. 1-6 are Galera's T_* numbers; 7-11 are ours."""
 
     HANDSHAKE = 1
     HANDSHAKE_RESPONSE = 2
@@ -95,6 +99,8 @@ class FrameType(enum.IntEnum):
     BATCH = 7
     KEEPALIVE = 8
     SEGMENT = 9  # only if the joiner's HANDSHAKE set REQUEST_SEGMENTS
+    STATUS_REQUEST = 10  # client -> server instead of a HANDSHAKE (cluster mode)
+    STATUS = 11  # server -> client, the answer; then the conversation is done
 
 
 MAGIC = b"ISTD"
@@ -121,15 +127,17 @@ HandshakeSchema = Struct(
     "first" / Int64sl,
     "last" / Int64sl,
     "accept" / Int8ul,  # Accept flags: 1 IST, 2 SST
-    "request" / Int8ul,  # request flags: REQUEST_FOLLOW | REQUEST_SEGMENTS; other bits rejected
+    "request" / Int8ul,  # request flags: REQUEST_FOLLOW | REQUEST_SEGMENTS | REQUEST_SUBSCRIBE; others rejected
     "node_name" / PascalString(Int8ul, "utf8"),
     "auth" / Prefixed(Int16ul, GreedyBytes),
     Terminated,
 )
-# Request flags: FOLLOW streams on past `last`; SEGMENTS lets the donor send SEGMENT frames.
+# Request flags: FOLLOW streams on past `last`; SEGMENTS lets the donor send SEGMENT frames;
+# SUBSCRIBE (cluster mode) asks for an IST from the donor's current position on, then follow.
 REQUEST_FOLLOW = 0x01
 REQUEST_SEGMENTS = 0x02
-REQUEST_MASK = REQUEST_FOLLOW | REQUEST_SEGMENTS
+REQUEST_SUBSCRIBE = 0x04
+REQUEST_MASK = REQUEST_FOLLOW | REQUEST_SEGMENTS | REQUEST_SUBSCRIBE
 # A plain int: ~ on an IntFlag stays inside the flag's known bits, and would hide unknown ones.
 ACCEPT_MASK = int(Accept.IST | Accept.SST)
 
@@ -175,6 +183,13 @@ SegmentSchema = Struct(
     Check(this.count >= 1),
     "blob" / GreedyBytes,
     Check(lambda ctx: len(ctx.blob) >= ctx.count),
+    Terminated,
+)
+
+# STATUS_REQUEST and STATUS payloads: opaque bytes (istd puts JSON there), taken verbatim. The frame
+# length bounds them (MAX_STATUS_BYTES); there is nothing else to check, so no fast codec either.
+StatusSchema = Struct(
+    "payload" / GreedyBytes,
     Terminated,
 )
 
@@ -408,7 +423,9 @@ def encode_handshake(hs: Handshake) -> bytes:
             first=hs.first,
             last=hs.last,
             accept=int(hs.accept),
-            request=(REQUEST_FOLLOW if hs.follow else 0) | (REQUEST_SEGMENTS if hs.segments else 0),
+            request=(REQUEST_FOLLOW if hs.follow else 0)
+            | (REQUEST_SEGMENTS if hs.segments else 0)
+            | (REQUEST_SUBSCRIBE if hs.subscribe else 0),
             node_name=hs.node_name,
             auth=bytes(hs.auth),
         ),
@@ -433,6 +450,7 @@ def decode_handshake(payload: bytes) -> Handshake:
         follow=bool(c.request & REQUEST_FOLLOW),
         auth=c.auth,
         segments=bool(c.request & REQUEST_SEGMENTS),
+        subscribe=bool(c.request & REQUEST_SUBSCRIBE),
     )
     validate_handshake(hs, RemoteProtocolError)
     return hs
@@ -524,10 +542,12 @@ __all__ = [
     "MAGIC",
     "MAX_FRAME_BYTES",
     "MAX_HANDSHAKE_BYTES",
+    "MAX_STATUS_BYTES",
     "PROTOCOL_VERSION",
     "REQUEST_FOLLOW",
     "REQUEST_MASK",
     "REQUEST_SEGMENTS",
+    "REQUEST_SUBSCRIBE",
     "SUPPORTED_VERSIONS",
     "BatchSchema",
     "FrameHeader",
@@ -536,6 +556,7 @@ __all__ = [
     "HandshakeSchema",
     "HeaderSchema",
     "SegmentSchema",
+    "StatusSchema",
     "decode_batch",
     "decode_handshake",
     "decode_response",

@@ -20,8 +20,11 @@ import pytest
 from istd.errors import EINVAL, EPROTO, LocalProtocolError, RemoteProtocolError
 from protocol import (
     C_EOF,
+    C_FC_CONT,
+    C_FC_STOP,
     C_OK,
     MAX_HANDSHAKE_BYTES,
+    MAX_STATUS_BYTES,
     NEED_DATA,
     SUPPORTED_VERSIONS,
     TRANSITIONS,
@@ -39,6 +42,8 @@ from protocol import (
     Role,
     Segment,
     State,
+    Status,
+    StatusRequest,
     TransferKind,
     WriteSet,
     WriteSetBatch,
@@ -51,6 +56,7 @@ from protocol.wire import (
     HandshakeResponseSchema,
     HandshakeSchema,
     SegmentSchema,
+    StatusSchema,
     decode_batch,
     decode_segment,
     encode_batch,
@@ -102,6 +108,11 @@ SKIP = WriteSet(13, RecordType.SKIP, b"")
 BATCH = WriteSetBatch.from_payloads(14, bytes([4, 6, 5]), [b"hi", b"", b"c"])
 HANDSHAKE_SEG = dataclasses.replace(HANDSHAKE, segments=True)
 SEGMENT = Segment(12, 2, b"\x01x\x01y")  # seqnos 12, 13: fits between TRX (11) and BATCH (14-16)
+# Cluster mode: SUBSCRIBE without FOLLOW (it implies it); the writer grants from its position 25 on.
+HANDSHAKE_SUB = dataclasses.replace(HANDSHAKE, last=-1, follow=False, subscribe=True)
+SUB_GRANT = dataclasses.replace(GRANTED, first=26, last=25, donor_last=25)
+STATUS_REQUEST = StatusRequest(b'{"node":"n1"}')
+STATUS = Status(b'{"last":25}')
 
 # Written by hand from the README's layouts; only the two CRC32s were computed (zlib.crc32).
 GOLDEN: dict[str, str] = {
@@ -137,6 +148,23 @@ GOLDEN: dict[str, str] = {
         " 1400000000000000 03 03 05 6e6f646531 0300 746f6b"
     ),
     "segment": "01 09 00 00 08000000 0c00000000000000 1aae0265 407e9bf5 02000000 01780179",
+    "handshake_subscribe": (  # as "handshake", but last -1 and request flags 4 = SUBSCRIBE
+        "01 01 00 00 3b000000 ffffffffffffffff 5393f5da 98fefba9"
+        " 49535444 01 01 0123456789abcdef 0123456789abcdef 0a00000000000000 0b00000000000000"
+        " ffffffffffffffff 03 04 05 6e6f646531 0300 746f6b"
+    ),
+    "handshake_subscribe_follow": (  # request flags 5 = FOLLOW | SUBSCRIBE
+        "01 01 00 00 3b000000 ffffffffffffffff 5393f5da 9690a8e3"
+        " 49535444 01 01 0123456789abcdef 0123456789abcdef 0a00000000000000 0b00000000000000"
+        " 1400000000000000 03 05 05 6e6f646531 0300 746f6b"
+    ),
+    "ctrl_fc_stop": "01 03 00 02 00000000 ffffffffffffffff 83059477 00000000",
+    "ctrl_fc_cont": "01 03 00 03 00000000 ffffffffffffffff 06dc02aa 00000000",
+    "status_request": (
+        "01 0a 00 00 0d000000 ffffffffffffffff 49a615ff 5a681d2c 7b226e6f6465223a226e31227d"  # {"node":"n1"}
+    ),
+    "status_request_empty": "01 0a 00 00 00000000 ffffffffffffffff a7a7ba61 00000000",
+    "status": "01 0b 00 00 0b000000 ffffffffffffffff 41d8d3a9 2a7af499 7b226c617374223a32357d",  # {"last":25}
 }
 
 
@@ -276,13 +304,26 @@ def _golden_cases() -> Iterator[tuple[str, Event, Callable[[], tuple[Connection,
         return joiner, donor
 
     yield "segment", SEGMENT, segment_after_trx
+    yield "handshake_subscribe", HANDSHAKE_SUB, fresh
+    yield "handshake_subscribe_follow", _replace(HANDSHAKE, subscribe=True), fresh
+    yield "ctrl_fc_stop", Ctrl(C_FC_STOP), pair  # HANDSHAKE asks to follow
+    yield "ctrl_fc_cont", Ctrl(C_FC_CONT), pair
+    yield "status_request", STATUS_REQUEST, fresh
+    yield "status_request_empty", StatusRequest(b""), fresh
+
+    def after_status_request() -> tuple[Connection, Connection]:
+        joiner, donor = fresh()
+        feed(donor, joiner.send(STATUS_REQUEST))
+        return joiner, donor
+
+    yield "status", STATUS, after_status_request
 
 
 @pytest.mark.parametrize(("name", "event", "make"), list(_golden_cases()), ids=lambda v: str(v)[:20])
 def test_golden_bytes(name: str, event: Event, make: Callable[[], tuple[Connection, Connection]]) -> None:
     joiner, donor = make()
     # The event's sender: the donor sends responses, write-sets and EOF; the joiner the rest.
-    donor_sends = name in {"granted", "refused", "trx", "cchange", "skip", "batch", "segment", "ctrl_eof"}
+    donor_sends = name in {"granted", "refused", "trx", "cchange", "skip", "batch", "segment", "ctrl_eof", "status"}
     sender, receiver = (donor, joiner) if donor_sends else (joiner, donor)
     data = sender.send(event)
     assert data.hex() == golden(name).hex()
@@ -510,8 +551,8 @@ def test_wrong_sender_and_state() -> None:
         donor.send(HANDSHAKE)
     with pytest.raises(LocalProtocolError, match="not an event that can be sent"):
         joiner.send(ConnectionClosed())
-    with pytest.raises(LocalProtocolError, match="unknown ctrl code 2"):
-        joiner.send(Ctrl(2))
+    with pytest.raises(LocalProtocolError, match="unknown ctrl code 4"):  # 2, 3: flow control
+        joiner.send(Ctrl(4))
     with pytest.raises(LocalProtocolError, match="unknown ctrl code -129"):
         joiner.send(Ctrl(-129))
     joiner, donor = pair(ok=False)
@@ -733,7 +774,7 @@ def test_unknown_enum_values_in_response(changes: dict[str, object], match: str)
     ("payload", "match"),
     [
         (handshake_payload(accept=4), "unknown accept flags"),
-        (handshake_payload(request=4), "unknown request flags"),
+        (handshake_payload(request=8), "unknown request flags"),
         (handshake_payload(min_version=2, max_version=1), "versions"),
         (handshake_payload(min_version=0), "versions"),
         (handshake_payload(last_applied=-2), "last_applied"),
@@ -782,7 +823,7 @@ def test_malformed_batch(payload: bytes, match: str) -> None:
     ("frame", "match"),
     [
         (raw_frame(0), "unknown IST message type 0"),
-        (raw_frame(10), "unknown IST message type 10"),
+        (raw_frame(12), "unknown IST message type 12"),
         (raw_frame(FrameType.TRX, b"a", seqno=11, flags=0x02), "unknown flags 0x2"),
         (raw_frame(FrameType.TRX, b"a", seqno=11, ctrl=1), "TRX frame has ctrl 1"),
         (raw_frame(FrameType.CTRL, ctrl=5), "unknown ctrl code 5"),
@@ -1183,14 +1224,475 @@ def test_segment_codec_matches_schema() -> None:
 
 
 def test_handshake_request_flags() -> None:
-    for request, follow, segments in [(0, False, False), (1, True, False), (2, False, True), (3, True, True)]:
+    for request in range(8):
+        follow, segments, subscribe = bool(request & 1), bool(request & 2), bool(request & 4)
         donor = Connection(Role.DONOR)
         [hs] = feed(donor, raw_frame(FrameType.HANDSHAKE, handshake_payload(request=request)))
-        assert isinstance(hs, Handshake) and (hs.follow, hs.segments) == (follow, segments)
-        assert (donor.follow, donor.segments) == (follow, segments)
-    for request in (4, 5, 7, 0x80):
+        assert isinstance(hs, Handshake) and (hs.follow, hs.segments, hs.subscribe) == (follow, segments, subscribe)
+        # SUBSCRIBE implies follow for the stream, whatever the FOLLOW bit says
+        assert (donor.follow, donor.segments, donor.subscribe) == (follow or subscribe, segments, subscribe)
+    for request in (8, 9, 15, 0x80):
         expect_remote(
             Connection(Role.DONOR),
             raw_frame(FrameType.HANDSHAKE, handshake_payload(request=request)),
             f"unknown request flags: {request:#x}",
         )
+
+
+# --- cluster mode: new frames fed byte by byte and with trailing bytes ---------------------------
+
+CLUSTER_GOLDEN = [
+    "handshake_subscribe",
+    "handshake_subscribe_follow",
+    "ctrl_fc_stop",
+    "ctrl_fc_cont",
+    "status_request",
+    "status_request_empty",
+    "status",
+]
+
+
+@pytest.mark.parametrize("name", CLUSTER_GOLDEN)
+def test_cluster_frames_byte_by_byte_and_with_trailing_bytes(name: str) -> None:
+    [(event, make)] = [(e, m) for n, e, m in _golden_cases() if n == name]
+    for mode in ("byte", "trailing"):
+        joiner, donor = make()
+        sender, receiver = (donor, joiner) if name == "status" else (joiner, donor)
+        data = sender.send(event)
+        assert data == golden(name)
+        more = sender.send(Keepalive())  # allowed after each of these, from the same sender
+        if mode == "byte":  # NEED_DATA on every byte but the last
+            for i in range(len(data) - 1):
+                receiver.receive_data(data[i : i + 1])
+                assert receiver.next_event() is NEED_DATA
+            receiver.receive_data(data[-1:])
+            assert receiver.next_event() == event
+            assert receiver.next_event() is NEED_DATA
+        else:  # the frame and the start of the next one in one chunk
+            receiver.receive_data(data + more[:10])
+            assert receiver.next_event() == event
+            assert receiver.next_event() is NEED_DATA
+        receiver.receive_data(more[10:] if mode == "trailing" else more)
+        assert receiver.next_event() == Keepalive()
+        assert receiver.state is sender.state
+
+
+# --- cluster mode: SUBSCRIBE ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, 24, 1000])
+def test_subscribe_grant_at_donor_last_then_records_continue(chunk: int | None) -> None:
+    """The writer grants the empty range donor_last+1..donor_last, then streams new write-sets."""
+    joiner, donor = pair(HANDSHAKE_SUB, SUB_GRANT)
+    for conn in (joiner, donor):
+        assert conn.subscribe and conn.follow  # SUBSCRIBE implies follow
+        assert not conn.handshake.follow  # type: ignore[union-attr]
+        assert conn.state is State.STREAMING and conn.last_seqno == 25
+    events: list[Event] = [
+        WriteSet(26, RecordType.TRX, b"a"),  # granted.first, past granted.last = 25
+        Keepalive(),
+        WriteSetBatch.from_payloads(27, b"\x04\x05\x06", [b"b", b"c", b""]),
+        WriteSet(30, RecordType.CCHANGE, b"d"),
+    ]
+    assert feed(joiner, b"".join(donor.send(e) for e in events), chunk) == events
+    assert joiner.last_seqno == donor.last_seqno == 30
+    assert feed(donor, joiner.send(Ctrl(C_FC_STOP)) + joiner.send(Ctrl(C_FC_CONT)), chunk) == [
+        Ctrl(C_FC_STOP),
+        Ctrl(C_FC_CONT),
+    ]
+    assert feed(joiner, donor.send(WriteSet(31, RecordType.TRX, b"e")) + donor.send(Ctrl(C_EOF)), chunk) == [
+        WriteSet(31, RecordType.TRX, b"e"),
+        Ctrl(C_EOF),
+    ]
+    assert joiner.state is donor.state is State.DONE
+
+
+def test_subscribe_stream_validation_is_unchanged() -> None:
+    # the first record must be granted.first
+    joiner, donor = pair(HANDSHAKE_SUB, SUB_GRANT)
+    with pytest.raises(LocalProtocolError, match="IST started with wrong seqno: 27, expected: 26"):
+        donor.send(WriteSet(27, RecordType.TRX, b"x"))
+    expect_remote(
+        joiner, raw_frame(FrameType.TRX, b"x", seqno=25), "IST started with wrong seqno: 25, expected: 26"
+    )
+    # then consecutive
+    joiner, donor = pair(HANDSHAKE_SUB, SUB_GRANT)
+    feed(joiner, donor.send(WriteSet(26, RecordType.TRX, b"x")))
+    with pytest.raises(LocalProtocolError, match="Unexpected action seqno: 28 expected: 27"):
+        donor.send(WriteSet(28, RecordType.TRX, b"x"))
+    expect_remote(joiner, raw_frame(FrameType.SKIP, seqno=28), "Unexpected action seqno: 28 expected: 27")
+    # EOF at once is fine: the granted range is empty
+    joiner, donor = pair(HANDSHAKE_SUB, SUB_GRANT)
+    assert feed(joiner, donor.send(Ctrl(C_EOF))) == [Ctrl(C_EOF)]
+    # SEGMENT frames still need the SEGMENTS flag
+    joiner, donor = pair(HANDSHAKE_SUB, SUB_GRANT)
+    with pytest.raises(LocalProtocolError, match="not negotiated"):
+        donor.send(Segment(26, 1, b"a"))
+    joiner, donor = pair(_replace(HANDSHAKE_SUB, segments=True), SUB_GRANT)
+    assert feed(joiner, donor.send(Segment(26, 2, b"ab"))) == [Segment(26, 2, b"ab")]
+
+
+@pytest.mark.parametrize("first", [1, 2, 11, 26, 2**62])
+def test_subscribe_grant_may_start_anywhere_from_1(first: int) -> None:
+    """The joiner's own `first` (11) is irrelevant to a subscription."""
+    grant = _replace(SUB_GRANT, first=first, last=first - 1, donor_last=first - 1)
+    hs = _replace(HANDSHAKE_SUB, last=-1)
+    joiner, donor = pair(hs, grant)
+    assert joiner.granted == grant and joiner.last_seqno == donor.last_seqno == first - 1
+    # received from raw bytes too
+    j2 = Connection(Role.JOINER)
+    j2.send(hs)
+    raw = response_payload(first=first, last=first - 1, donor_last=first - 1)
+    assert feed(j2, raw_frame(FrameType.HANDSHAKE_RESPONSE, raw)) == [
+        _replace(grant, message="", cached_downto=5, safe_ist_seqno=6)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("handshake", "changes", "match"),
+    [
+        (HANDSHAKE_SUB, {"first": 0, "last": -1}, "subscription from seqno 0, seqnos start at 1"),
+        (HANDSHAKE_SUB, {"first": -1, "last": -1}, "subscription from seqno -1"),
+        (HANDSHAKE_SUB, {"donor_uuid": U2}, "history"),  # the other checks still hold
+        (_replace(HANDSHAKE_SUB, last=20), {"first": 19, "last": 21}, "up to seqno 21, joiner asked up to 20"),
+        (HANDSHAKE, {"first": 26, "last": 25}, "from seqno 26, joiner asked from 11"),  # not subscribing
+    ],
+)
+def test_subscribe_grant_checks(handshake: Handshake, changes: dict[str, object], match: str) -> None:
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(donor, joiner.send(handshake))
+    with pytest.raises(LocalProtocolError, match=match):
+        donor.send(_replace(SUB_GRANT, **changes))
+    raw = {"donor_uuid": U2.bytes, "first": 26, "last": 25} if "donor_uuid" in changes else changes
+    expect_remote(joiner, raw_frame(FrameType.HANDSHAKE_RESPONSE, response_payload(**raw)), match)
+
+
+def test_subscribe_needs_ist_accepted_and_a_common_version() -> None:
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(donor, joiner.send(_replace(HANDSHAKE_SUB, accept=Accept.SST)))
+    with pytest.raises(LocalProtocolError, match="does not accept IST"):
+        donor.send(SUB_GRANT)
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(donor, joiner.send(_replace(HANDSHAKE_SUB, versions=(2, 3))))
+    with pytest.raises(LocalProtocolError, match=r"not in the joiner.s range"):
+        donor.send(SUB_GRANT)
+
+
+# --- cluster mode: flow control ------------------------------------------------------------------
+
+FC = [Ctrl(C_FC_STOP), Ctrl(C_FC_CONT)]
+
+
+def test_flow_control_in_the_transition_table() -> None:
+    for kind in (Kind.CTRL_FC_STOP, Kind.CTRL_FC_CONT):
+        assert {(s, r) for s, r, k in TRANSITIONS if k is kind} == {
+            (State.STREAMING, Role.JOINER),
+            (State.DONE, Role.JOINER),
+        }
+        assert TRANSITIONS[(State.STREAMING, Role.JOINER, kind)] is State.STREAMING
+        assert TRANSITIONS[(State.DONE, Role.JOINER, kind)] is State.DONE
+
+
+@pytest.mark.parametrize("handshake", [HANDSHAKE, HANDSHAKE_SUB], ids=["follow", "subscribe"])
+def test_flow_control_from_the_joiner_of_a_follow_stream(handshake: Handshake) -> None:
+    response = GRANTED if handshake is HANDSHAKE else SUB_GRANT
+    joiner, donor = pair(handshake, response)
+    first = response.first
+    feed(joiner, donor.send(WriteSet(first, RecordType.TRX, b"a")))
+    for event in (*FC, *FC, Ctrl(C_FC_STOP)):  # repeated, in any order: pacing is the layer above's
+        assert feed(donor, joiner.send(event)) == [event]
+        assert joiner.state is donor.state is State.STREAMING
+        assert joiner.last_seqno == donor.last_seqno == first
+    # the donor's stream goes on (the protocol does not enforce the pause)
+    assert feed(joiner, donor.send(WriteSet(first + 1, RecordType.TRX, b"b"))) == [
+        WriteSet(first + 1, RecordType.TRX, b"b")
+    ]
+    assert feed(donor, joiner.send(Keepalive()) + joiner.send(Ctrl(C_FC_CONT))) == [Keepalive(), Ctrl(C_FC_CONT)]
+
+
+def test_flow_control_may_cross_the_eof() -> None:
+    joiner, donor = pair(response=_replace(GRANTED, last=10))  # following, nothing to catch up
+    eof = donor.send(Ctrl(C_EOF))  # DONE at the donor
+    stop = joiner.send(Ctrl(C_FC_STOP))  # sent before the EOF arrived
+    assert feed(donor, stop) == [Ctrl(C_FC_STOP)]
+    assert donor.state is State.DONE
+    assert feed(joiner, eof) == [Ctrl(C_EOF)]
+    assert feed(donor, joiner.send(Ctrl(C_FC_CONT))) == [Ctrl(C_FC_CONT)]
+
+
+def test_flow_control_from_the_donor_is_an_error() -> None:
+    for handshake, response in ((HANDSHAKE, GRANTED), (HANDSHAKE_SUB, SUB_GRANT)):
+        joiner, donor = pair(handshake, response)
+        for code, name in ((C_FC_STOP, "FC_STOP"), (C_FC_CONT, "FC_CONT")):
+            with pytest.raises(LocalProtocolError, match=f"DONOR may not send CTRL\\({name}\\) in state STREAMING"):
+                donor.send(Ctrl(code))
+        expect_remote(
+            joiner, raw_frame(FrameType.CTRL, ctrl=C_FC_STOP), "DONOR may not send CTRL\\(FC_STOP\\) in state STREAMING"
+        )
+    joiner, donor = pair(response=_replace(GRANTED, last=10))
+    feed(joiner, donor.send(Ctrl(C_EOF)))
+    with pytest.raises(LocalProtocolError, match="DONOR may not send CTRL\\(FC_CONT\\) in state DONE"):
+        donor.send(Ctrl(C_FC_CONT))
+    expect_remote(
+        joiner, raw_frame(FrameType.CTRL, ctrl=C_FC_CONT), "DONOR may not send CTRL\\(FC_CONT\\) in state DONE"
+    )
+
+
+@pytest.mark.parametrize("code", [C_FC_STOP, C_FC_CONT])
+def test_flow_control_outside_a_follow_stream_is_an_error(code: int) -> None:
+    not_following = _replace(HANDSHAKE, follow=False)
+    match = "only for follow and subscribe streams"
+    joiner, donor = pair(not_following)
+    with pytest.raises(LocalProtocolError, match=match):
+        joiner.send(Ctrl(code))
+    expect_remote(donor, raw_frame(FrameType.CTRL, ctrl=code), match)
+    # nor after its EOF
+    joiner, donor = pair(not_following, _replace(GRANTED, last=10))
+    feed(joiner, donor.send(Ctrl(C_EOF)))
+    with pytest.raises(LocalProtocolError, match=match):
+        joiner.send(Ctrl(code))
+    expect_remote(donor, raw_frame(FrameType.CTRL, ctrl=code), match)
+    # nor in an SST grant's stream
+    sst = _replace(GRANTED, granted=TransferKind.SST, donor_uuid=U2, first=101, last=105)
+    joiner, donor = pair(not_following, sst)
+    with pytest.raises(LocalProtocolError, match=match):
+        joiner.send(Ctrl(code))
+    # nor before the stream: wrong state, whatever the flags
+    name = "FC_STOP" if code == C_FC_STOP else "FC_CONT"
+    j, d = pair(ok=False)  # state OK
+    with pytest.raises(LocalProtocolError, match=f"JOINER may not send CTRL\\({name}\\) in state OK"):
+        j.send(Ctrl(code))
+    expect_remote(d, raw_frame(FrameType.CTRL, ctrl=code), f"JOINER may not send CTRL\\({name}\\) in state OK")
+    with pytest.raises(LocalProtocolError, match="in state HANDSHAKE"):
+        Connection(Role.JOINER).send(Ctrl(code))
+    expect_remote(Connection(Role.DONOR), raw_frame(FrameType.CTRL, ctrl=code), "in state HANDSHAKE")
+    j, d = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(d, j.send(HANDSHAKE))
+    with pytest.raises(LocalProtocolError, match="in state RESPONSE"):
+        j.send(Ctrl(code))
+    expect_remote(d, raw_frame(FrameType.CTRL, ctrl=code), "in state RESPONSE")
+    j, d = pair(response=REFUSED)
+    with pytest.raises(LocalProtocolError, match="in state REFUSED"):
+        j.send(Ctrl(code))
+    # and never in a status conversation
+    j, d = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(d, j.send(STATUS_REQUEST))
+    with pytest.raises(LocalProtocolError, match="in state STATUS"):
+        j.send(Ctrl(code))
+    feed(j, d.send(STATUS))
+    with pytest.raises(LocalProtocolError, match=match):  # DONE allows it in the table, not here
+        j.send(Ctrl(code))
+    expect_remote(d, raw_frame(FrameType.CTRL, ctrl=code), match)
+
+
+# --- cluster mode: STATUS ------------------------------------------------------------------------
+
+STATUS_CONVERSATION: list[tuple[Role, Event]] = [
+    (Role.JOINER, STATUS_REQUEST),
+    (Role.DONOR, Keepalive()),
+    (Role.JOINER, Keepalive()),
+    (Role.DONOR, STATUS),
+    (Role.JOINER, Keepalive()),  # may cross the STATUS
+]
+
+
+def test_status_in_the_transition_table() -> None:
+    assert TRANSITIONS[(State.HANDSHAKE, Role.JOINER, Kind.STATUS_REQUEST)] is State.STATUS
+    assert TRANSITIONS[(State.STATUS, Role.DONOR, Kind.STATUS)] is State.DONE
+    assert {k[:2] for k in TRANSITIONS if k[2] is Kind.STATUS_REQUEST} == {(State.HANDSHAKE, Role.JOINER)}
+    assert {k[:2] for k in TRANSITIONS if k[2] is Kind.STATUS} == {(State.STATUS, Role.DONOR)}
+    assert {k[0] for k in TRANSITIONS if k[1:] == (Role.DONOR, Kind.KEEPALIVE)} == set(State) - {
+        State.HANDSHAKE,
+        State.FAILED,
+    }
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 7, 23, 24, 25])
+def test_status_conversation(chunk: int | None) -> None:
+    conns = {Role.JOINER: Connection(Role.JOINER), Role.DONOR: Connection(Role.DONOR)}
+    for sender, event in STATUS_CONVERSATION:
+        receiver = conns[Role.DONOR if sender is Role.JOINER else Role.JOINER]
+        assert feed(receiver, conns[sender].send(event), chunk) == [event]
+        assert receiver.state is conns[sender].state
+    for conn in conns.values():
+        assert conn.state is State.DONE
+        assert conn.status_request == STATUS_REQUEST and conn.status == STATUS
+        assert conn.handshake is None and conn.granted is None and conn.version is None
+        assert not conn.follow and not conn.subscribe
+        conn.receive_data(b"")
+        assert conn.next_event() == ConnectionClosed()
+
+
+def test_status_payloads_are_opaque_and_bounded_exactly() -> None:
+    for payload in (b"", b"\x00\xff" * 7, bytes(MAX_STATUS_BYTES)):
+        joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+        [request] = feed(donor, joiner.send(StatusRequest(payload)))
+        assert request == StatusRequest(payload) and isinstance(request, StatusRequest)
+        assert isinstance(request.payload, bytes)
+        [answer] = feed(joiner, donor.send(Status(memoryview(bytearray(payload)))))  # type: ignore[arg-type]
+        assert answer == Status(payload)
+    assert StatusSchema.build(dict(payload=b"{}")) == b"{}"
+    assert StatusSchema.parse(b"{}").payload == b"{}"
+
+
+def test_oversize_status_rejected_from_the_header_alone() -> None:
+    too_big = MAX_STATUS_BYTES + 1
+    donor = Connection(Role.DONOR)
+    donor.receive_data(raw_frame(FrameType.STATUS_REQUEST, length=too_big))  # the header only
+    with pytest.raises(
+        RemoteProtocolError, match=f"STATUS_REQUEST frame of {too_big} bytes exceeds the limit of {MAX_STATUS_BYTES}"
+    ) as info:
+        donor.next_event()
+    assert info.value.error_code == -EMSGSIZE
+    joiner = Connection(Role.JOINER)
+    joiner.send(STATUS_REQUEST)
+    joiner.receive_data(raw_frame(FrameType.STATUS, length=2**32 - 1))
+    with pytest.raises(RemoteProtocolError, match="STATUS frame of 4294967295 bytes exceeds") as info:
+        joiner.next_event()
+    assert info.value.error_code == -EMSGSIZE
+    # a smaller frame limit applies too
+    small = Connection(Role.DONOR, max_frame_bytes=100)
+    small.receive_data(raw_frame(FrameType.STATUS_REQUEST, length=101))
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit of 100 bytes"):
+        small.next_event()
+    # and on send
+    with pytest.raises(LocalProtocolError, match=f"payload of {too_big} bytes exceeds the limit"):
+        Connection(Role.JOINER).send(StatusRequest(bytes(too_big)))
+    j, d = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(d, j.send(StatusRequest(b"")))
+    with pytest.raises(LocalProtocolError, match=f"payload of {too_big} bytes exceeds the limit"):
+        d.send(Status(bytes(too_big)))
+    assert d.state is State.STATUS  # nothing changed
+    with pytest.raises(LocalProtocolError, match="STATUS payload must be bytes-like"):
+        d.send(Status("{}"))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="STATUS payload must be contiguous"):
+        d.send(Status(memoryview(b"{}}}")[::2]))  # type: ignore[arg-type]
+    assert d.state is State.STATUS
+
+
+def _in_state(state: str) -> tuple[Connection, Connection]:
+    """A joiner and a donor in a state of either conversation."""
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    if state == "HANDSHAKE":
+        return joiner, donor
+    if state == "STATUS":
+        feed(donor, joiner.send(STATUS_REQUEST))
+        return joiner, donor
+    if state == "DONE(status)":
+        feed(donor, joiner.send(STATUS_REQUEST))
+        feed(joiner, donor.send(STATUS))
+        return joiner, donor
+    if state == "RESPONSE":
+        feed(donor, joiner.send(HANDSHAKE))
+        return joiner, donor
+    if state == "OK":
+        return pair(ok=False)
+    if state == "STREAMING":
+        return pair()
+    if state == "DONE":
+        joiner, donor = pair(response=_replace(GRANTED, last=10))
+        feed(joiner, donor.send(Ctrl(C_EOF)))
+        return joiner, donor
+    assert state == "REFUSED"
+    return pair(response=REFUSED)
+
+
+@pytest.mark.parametrize(
+    ("state", "sender", "event", "match"),
+    [
+        # a second STATUS_REQUEST, or one after a HANDSHAKE, anywhere past the start
+        *[
+            (s, Role.JOINER, STATUS_REQUEST, f"JOINER may not send STATUS_REQUEST in state {s.split('(')[0]}")
+            for s in ("STATUS", "DONE(status)", "RESPONSE", "OK", "STREAMING", "DONE", "REFUSED")
+        ],
+        # a STATUS_REQUEST from the server
+        ("HANDSHAKE", Role.DONOR, STATUS_REQUEST, "DONOR may not send STATUS_REQUEST in state HANDSHAKE"),
+        ("STATUS", Role.DONOR, STATUS_REQUEST, "DONOR may not send STATUS_REQUEST in state STATUS"),
+        # a STATUS from the client
+        ("HANDSHAKE", Role.JOINER, STATUS, "JOINER may not send STATUS in state HANDSHAKE"),
+        ("STATUS", Role.JOINER, STATUS, "JOINER may not send STATUS in state STATUS"),
+        # a STATUS nobody asked for, or a second one
+        ("HANDSHAKE", Role.DONOR, STATUS, "DONOR may not send STATUS in state HANDSHAKE"),
+        ("RESPONSE", Role.DONOR, STATUS, "DONOR may not send STATUS in state RESPONSE"),
+        ("STREAMING", Role.DONOR, STATUS, "DONOR may not send STATUS in state STREAMING"),
+        ("DONE(status)", Role.DONOR, STATUS, "DONOR may not send STATUS in state DONE"),
+        # the IST conversation's messages inside a status conversation
+        ("STATUS", Role.JOINER, HANDSHAKE, "JOINER may not send HANDSHAKE in state STATUS"),
+        ("DONE(status)", Role.JOINER, HANDSHAKE, "JOINER may not send HANDSHAKE in state DONE"),
+        ("STATUS", Role.DONOR, GRANTED, "DONOR may not send HANDSHAKE_RESPONSE"),
+        ("STATUS", Role.DONOR, REFUSED, "DONOR may not send HANDSHAKE_RESPONSE"),
+        ("STATUS", Role.JOINER, Ctrl(C_OK), "JOINER may not send CTRL\\(OK\\) in state STATUS"),
+        ("STATUS", Role.DONOR, Ctrl(C_EOF), "DONOR may not send CTRL\\(EOF\\) in state STATUS"),
+        ("DONE(status)", Role.DONOR, Ctrl(C_EOF), "DONOR may not send CTRL\\(EOF\\) in state DONE"),
+        ("STATUS", Role.DONOR, TRX, "DONOR may not send (write-set|TRX) in state STATUS"),
+        ("HANDSHAKE", Role.JOINER, Keepalive(), "JOINER may not send KEEPALIVE in state HANDSHAKE"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_status_misuse(state: str, sender: Role, event: Event, match: str) -> None:
+    """Rejected by send() and, from the frame header alone, by the receiver."""
+    joiner, donor = _in_state(state)
+    me, peer = (joiner, donor) if sender is Role.JOINER else (donor, joiner)
+    before = me.state
+    with pytest.raises(LocalProtocolError, match=match):
+        me.send(event)
+    assert me.state is before
+    # the same frame, as the peer would receive it (built by a connection that allows it)
+    if isinstance(event, StatusRequest | Status):
+        ftype = FrameType.STATUS_REQUEST if isinstance(event, StatusRequest) else FrameType.STATUS
+        frame = raw_frame(ftype, event.payload)
+    elif isinstance(event, Handshake):
+        frame = Connection(Role.JOINER).send(event)
+    elif isinstance(event, HandshakeResponse):
+        frame = raw_frame(FrameType.HANDSHAKE_RESPONSE, response_payload())
+    elif isinstance(event, Ctrl):
+        frame = raw_frame(FrameType.CTRL, ctrl=event.code)
+    elif isinstance(event, WriteSet):
+        frame = raw_frame(FrameType.TRX, event.payload, seqno=event.seqno)  # type: ignore[arg-type]
+    else:
+        frame = raw_frame(FrameType.KEEPALIVE)
+    peer.receive_data(frame[:24])
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        peer.next_event()
+    assert info.value.error_code == -EPROTO
+
+
+def test_two_status_requests_in_one_chunk() -> None:
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    first = joiner.send(STATUS_REQUEST)
+    donor.receive_data(first + first)
+    assert donor.next_event() == STATUS_REQUEST
+    with pytest.raises(RemoteProtocolError, match="JOINER may not send STATUS_REQUEST in state STATUS"):
+        donor.next_event()
+
+
+def test_status_refused_or_abandoned() -> None:
+    # the server may answer with an error instead
+    joiner, donor = _in_state("STATUS")
+    assert feed(joiner, donor.send(Ctrl(-EPROTO))) == [Ctrl(-EPROTO)]
+    assert joiner.state is donor.state is State.FAILED and joiner.status is None
+    # a close before the STATUS is visible in the state
+    joiner, donor = _in_state("STATUS")
+    joiner.receive_data(b"")
+    assert joiner.next_event() == ConnectionClosed()
+    assert joiner.state is State.STATUS
+    # and one in the middle of it is an error
+    joiner, donor = _in_state("STATUS")
+    joiner.receive_data(donor.send(STATUS)[:-1])
+    joiner.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        joiner.next_event()
+
+
+@pytest.mark.parametrize(
+    ("frame", "match", "code"),
+    [
+        (raw_frame(FrameType.STATUS_REQUEST, b"{}", version=2), "invalid protocol version 2, expected 1", -EPROTO),
+        (raw_frame(FrameType.STATUS_REQUEST, b"{}", seqno=0), "STATUS_REQUEST frame has seqno 0", -EPROTO),
+        (raw_frame(FrameType.STATUS_REQUEST, b"{}", ctrl=1), "STATUS_REQUEST frame has ctrl 1", -EPROTO),
+        (raw_frame(FrameType.STATUS_REQUEST, b"{}", flags=0x02), "unknown flags 0x2", -EPROTO),
+        (raw_frame(FrameType.STATUS_REQUEST, b"{}", payload_crc=1), "payload checksum mismatch", -EINVAL),
+    ],
+)
+def test_malformed_status_frames(frame: bytes, match: str, code: int) -> None:
+    expect_remote(Connection(Role.DONOR), frame, match, code)

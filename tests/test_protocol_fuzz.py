@@ -3,6 +3,7 @@ anything but RemoteProtocolError (or makes the decoder loop or buffer without bo
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 import zlib
@@ -12,12 +13,16 @@ import construct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istd.errors import RemoteProtocolError
+from istd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol import (
     C_EOF,
+    C_FC_CONT,
+    C_FC_STOP,
     C_OK,
+    MAX_STATUS_BYTES,
     NEED_DATA,
     SUPPORTED_VERSIONS,
+    TRANSITIONS,
     Accept,
     Connection,
     ConnectionClosed,
@@ -26,11 +31,14 @@ from protocol import (
     Handshake,
     HandshakeResponse,
     Keepalive,
+    Kind,
     RecordType,
     RefusalReason,
     Role,
     Segment,
     State,
+    Status,
+    StatusRequest,
     TransferKind,
     WriteSet,
     WriteSetBatch,
@@ -41,6 +49,7 @@ from protocol.wire import (
     BatchSchema,
     HeaderSchema,
     SegmentSchema,
+    StatusSchema,
     decode_batch,
     decode_segment,
     encode_batch,
@@ -257,6 +266,7 @@ HANDSHAKES = st.builds(
     follow=st.booleans(),
     auth=st.binary(max_size=300),
     segments=st.booleans(),
+    subscribe=st.booleans(),
 )
 
 
@@ -268,14 +278,16 @@ def test_handshake_and_response_round_trip(
     joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
     assert _feed_all(donor, joiner.send(hs)) == [hs]
     version = negotiate_version(hs.versions, SUPPORTED_VERSIONS)
-    last = hs.first - 1 if hs.last == -1 else min(hs.last, hs.first + 5)
-    if version is not None and hs.accept & Accept.IST and last >= -1:
+    # a subscription is granted from the donor's position (any seqno >= 1), an IST from hs.first
+    first = max(donor_last, 0) + 1 if hs.subscribe else hs.first
+    last = first - 1 if hs.last == -1 else min(hs.last, first + 5)
+    if version is not None and hs.accept & Accept.IST and last >= -1 and first <= 2**63 - 1:
         response = HandshakeResponse(
             TransferKind.IST,
             version,
             RefusalReason.NONE,
             hs.cluster_uuid,
-            hs.first,
+            first,
             last,
             cached,
             safe,
@@ -287,6 +299,26 @@ def test_handshake_and_response_round_trip(
         )
     assert _feed_all(joiner, donor.send(response)) == [response]
     assert joiner.granted == donor.granted == response
+    assert joiner.follow == donor.follow == (hs.follow or hs.subscribe)
+
+
+@FUZZ
+@given(st.binary(max_size=MAX_STATUS_BYTES // 64), st.binary(max_size=300), st.sampled_from([1, 7, None]))
+def test_status_conversation_round_trip(request: bytes, answer: bytes, chunk: int | None) -> None:
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    data = joiner.send(StatusRequest(request))
+    assert data[HEADER_BYTES:] == StatusSchema.build(dict(payload=request))
+    assert _feed_chunks(donor, data, chunk) == [StatusRequest(request)]
+    assert _feed_chunks(joiner, donor.send(Status(answer)), chunk) == [Status(answer)]
+    assert joiner.state is donor.state is State.DONE
+
+
+def _feed_chunks(conn: Connection, data: bytes, chunk: int | None) -> list[Event]:
+    step = chunk or len(data)
+    events: list[Event] = []
+    for at in range(0, len(data), step):
+        events += _feed_all(conn, data[at : at + step])
+    return events
 
 
 def _feed_all(conn: Connection, data: bytes) -> list[Event]:
@@ -351,7 +383,9 @@ def donor_reacts(donor: Connection) -> Callable[[Event], None]:
     def react(event: Event) -> None:
         if isinstance(event, Handshake):
             version = negotiate_version(event.versions, SUPPORTED_VERSIONS)
-            last = event.first - 1  # nothing to send: always inside what was asked...
+            # a subscription from our position (0), an IST from where the joiner asked
+            first = 1 if event.subscribe else event.first
+            last = first - 1  # nothing to send: always inside what was asked...
             if version and event.accept & Accept.IST and (event.last == -1 or last <= event.last):
                 donor.send(
                     HandshakeResponse(
@@ -359,7 +393,7 @@ def donor_reacts(donor: Connection) -> Callable[[Event], None]:
                         version,
                         RefusalReason.NONE,
                         event.cluster_uuid,
-                        event.first,
+                        first,
                         last,
                         0,
                         0,
@@ -369,7 +403,10 @@ def donor_reacts(donor: Connection) -> Callable[[Event], None]:
             else:
                 donor.send(HandshakeResponse(TransferKind.NONE, 0, RefusalReason.BUSY, U, -1, -1, 0, 0, 0))
         elif event == Ctrl(C_OK):
-            donor.send(Ctrl(C_EOF))
+            # a follow stream stays open (so that flow control arrives in STREAMING); an IST ends
+            donor.send(Keepalive() if donor.follow else Ctrl(C_EOF))
+        elif isinstance(event, StatusRequest):
+            donor.send(Status(b'{"last":0}'))
 
     return react
 
@@ -378,46 +415,71 @@ CHUNKS = st.lists(st.integers(1, 64), max_size=8)
 
 
 @FUZZ
-@given(st.binary(max_size=300), CHUNKS, st.sampled_from(["joiner", "donor", "streaming joiner"]))
+@given(
+    st.binary(max_size=300),
+    CHUNKS,
+    st.sampled_from(
+        ["joiner", "donor", "streaming joiner", "status client", "subscribed joiner", "subscribed donor"]
+    ),
+)
 def test_random_bytes_raise_only_remote_protocol_error(data: bytes, chunks: list[int], who: str) -> None:
     if who == "donor":
         conn = Connection(Role.DONOR)
         survive(conn, data, chunks, donor_reacts(conn))
         return
-    conn, _ = _streaming_pair(follow=True) if who == "streaming joiner" else (Connection(Role.JOINER), None)
-    if conn.state is State.HANDSHAKE:
-        conn.send(Handshake(U, 0, 1, -1, Accept.IST, (1, 1), "j"))
+    if who == "subscribed donor":  # receives flow control, keepalives, errors
+        _, conn = _streaming_pair(follow=False, subscribe=True)
+        survive(conn, data, chunks, donor_reacts(conn))
+        return
+    if who == "streaming joiner":
+        conn, _ = _streaming_pair(follow=True)
+    elif who == "subscribed joiner":
+        conn, _ = _streaming_pair(follow=False, subscribe=True)
+    else:
+        conn = Connection(Role.JOINER)
+        if who == "status client":
+            conn.send(StatusRequest(b"{}"))
+        else:
+            conn.send(Handshake(U, 0, 1, -1, Accept.IST, (1, 1), "j"))
     survive(conn, data, chunks, joiner_reacts(conn))
 
 
-def _streaming_pair(follow: bool) -> tuple[Connection, Connection]:
+def _streaming_pair(follow: bool, subscribe: bool = False) -> tuple[Connection, Connection]:
     joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    _feed_all(donor, joiner.send(_joiner_handshake(follow, segments=True)))
-    _feed_all(
-        joiner, donor.send(HandshakeResponse(TransferKind.IST, 1, RefusalReason.NONE, U, 1, 6, 0, 0, 6))
-    )
+    _feed_all(donor, joiner.send(_joiner_handshake(follow, segments=True, subscribe=subscribe)))
+    _feed_all(joiner, donor.send(_grant(subscribe)))
     _feed_all(donor, joiner.send(Ctrl(C_OK)))
     return joiner, donor
 
 
-def _joiner_handshake(follow: bool, segments: bool) -> Handshake:
+def _joiner_handshake(follow: bool, segments: bool, subscribe: bool = False) -> Handshake:
+    if subscribe:  # "from your position": the joiner's own range does not matter
+        return Handshake(U, 3, 4, -1, Accept.IST, (1, 1), "j", follow=follow, segments=segments, subscribe=True)
     return Handshake(U, 0, 1, 6, Accept.IST, (1, 1), "j", follow=follow, segments=segments)
+
+
+def _grant(subscribe: bool) -> HandshakeResponse:
+    """IST of 1..6, or a subscription at the donor's position 6: the empty range 7..6."""
+    first = 7 if subscribe else 1
+    return HandshakeResponse(TransferKind.IST, 1, RefusalReason.NONE, U, first, 6, 0, 0, 6)
 
 
 @st.composite
 def donor_frames(draw: st.DrawFn) -> tuple[Handshake, list[bytes], list[Event]]:
-    """A valid donor byte stream, frame by frame, after the joiner's HANDSHAKE (first=1, last=6).
+    """A valid donor byte stream, frame by frame, after the joiner's HANDSHAKE (first=1, last=6; or
+    a subscription granted at the donor's position 6, records from 7 on).
 
     If the HANDSHAKE asked for segments, SEGMENT, BATCH and single frames are mixed."""
-    handshake = _joiner_handshake(draw(st.booleans()), draw(st.booleans()))
-    follow = handshake.follow
+    subscribe = draw(st.booleans())
+    handshake = _joiner_handshake(draw(st.booleans()), draw(st.booleans()), subscribe)
+    follow = handshake.follow or subscribe
     joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
     _feed_all(donor, joiner.send(handshake))
-    events: list[Event] = [HandshakeResponse(TransferKind.IST, 1, RefusalReason.NONE, U, 1, 6, 0, 0, 6)]
+    events: list[Event] = [_grant(subscribe)]
     frames = [donor.send(events[0])]
     _feed_all(joiner, frames[0])
     _feed_all(donor, joiner.send(Ctrl(C_OK)))
-    seqno, last = 1, draw(st.integers(6, 9)) if follow else 6
+    seqno, last = (7, draw(st.integers(6, 10))) if subscribe else (1, draw(st.integers(6, 9)) if follow else 6)
     while seqno <= last:
         if draw(st.booleans()):
             frames.append(donor.send(Keepalive()))
@@ -450,6 +512,19 @@ JOINER_FRAMES = [
     pack_header(1, 3, 0, 0, 0, -1, 0),  # CTRL(OK)
     pack_header(1, 8, 0, 0, 0, -1, 0),
     pack_header(1, 3, 0, -71, 0, -1, 0),  # CTRL(-EPROTO)
+]
+# Cluster mode: a subscription paced by flow control, and a status request.
+SUBSCRIBER_FRAMES = [
+    Connection(Role.JOINER).send(Handshake(U, 3, 4, -1, Accept.IST, (1, 1), "n2", subscribe=True)),
+    pack_header(1, 3, 0, C_OK, 0, -1, 0),
+    pack_header(1, 3, 0, C_FC_STOP, 0, -1, 0),
+    pack_header(1, 8, 0, 0, 0, -1, 0),  # KEEPALIVE
+    pack_header(1, 3, 0, C_FC_CONT, 0, -1, 0),
+    pack_header(1, 3, 0, C_FC_STOP, 0, -1, 0),
+]
+STATUS_CLIENT_FRAMES = [
+    Connection(Role.JOINER).send(StatusRequest(b'{"node":"n2","announce":"joining"}')),
+    pack_header(1, 8, 0, 0, 0, -1, 0),  # KEEPALIVE
 ]
 
 
@@ -484,7 +559,7 @@ def mutate(draw: st.DrawFn, frames: list[bytes]) -> bytes:
                 value = draw(
                     {
                         "version": st.integers(0, 3),
-                        "type": st.integers(0, 10),
+                        "type": st.integers(0, 12),
                         "flags": st.sampled_from([0, 1, 2, 128]),
                         "ctrl": st.integers(-128, 127),
                         "length": st.sampled_from([0, 1, length - 1, length + 1, 2**32 - 1]),
@@ -523,7 +598,7 @@ def test_mutated_donor_stream_raises_only_remote_protocol_error(
     handshake, frames, _ = data.draw(donor_frames())
     joiner = Connection(Role.JOINER)
     # Sometimes the joiner did not ask for the segments the donor sends: still only RemoteProtocolError.
-    joiner.send(handshake if data.draw(st.booleans()) else _joiner_handshake(handshake.follow, False))
+    joiner.send(handshake if data.draw(st.booleans()) else dataclasses.replace(handshake, segments=False))
     survive(joiner, data.draw(mutate(frames)), chunks, joiner_reacts(joiner))
 
 
@@ -535,7 +610,7 @@ def test_unnegotiated_segments_are_rejected(
     """A valid stream with SEGMENT frames, to a joiner that did not ask for them, fails at the first."""
     handshake, frames, expected = stream
     joiner = Connection(Role.JOINER)
-    joiner.send(_joiner_handshake(handshake.follow, segments=False))
+    joiner.send(dataclasses.replace(handshake, segments=False))
     seen: list[Event] = []
 
     def react(event: Event) -> None:
@@ -558,7 +633,34 @@ def test_mutated_joiner_stream_raises_only_remote_protocol_error(
     data: st.DataObject, chunks: list[int]
 ) -> None:
     donor = Connection(Role.DONOR)
-    survive(donor, data.draw(mutate(JOINER_FRAMES)), chunks, donor_reacts(donor))
+    frames = data.draw(st.sampled_from([JOINER_FRAMES, SUBSCRIBER_FRAMES, STATUS_CLIENT_FRAMES]))
+    survive(donor, data.draw(mutate(frames)), chunks, donor_reacts(donor))
+
+
+@FUZZ
+@given(st.sampled_from([SUBSCRIBER_FRAMES, STATUS_CLIENT_FRAMES]), CHUNKS)
+def test_valid_cluster_joiner_streams_parse_back(frames: list[bytes], chunks: list[int]) -> None:
+    """Unmutated, the cluster-mode joiner streams of the mutation test are accepted whole."""
+    donor = Connection(Role.DONOR)
+    seen: list[Event] = []
+
+    def react(event: Event) -> None:
+        seen.append(event)
+        donor_reacts(donor)(event)
+
+    drive(donor, b"".join(frames), chunks, react)
+    assert len(seen) == len(frames)
+    assert donor.state is (State.STREAMING if frames is SUBSCRIBER_FRAMES else State.DONE)
+
+
+@FUZZ
+@given(st.data(), CHUNKS)
+def test_mutated_status_answer_raises_only_remote_protocol_error(data: st.DataObject, chunks: list[int]) -> None:
+    """The server's side of a status conversation (a keepalive, the STATUS), damaged."""
+    client, server = Connection(Role.JOINER), Connection(Role.DONOR)
+    _feed_all(server, client.send(StatusRequest(b"{}")))
+    frames = [server.send(Keepalive()), server.send(Status(data.draw(st.binary(max_size=40))))]
+    survive(client, data.draw(mutate(frames)), chunks, joiner_reacts(client))
 
 
 @FUZZ
@@ -579,3 +681,113 @@ def test_valid_donor_stream_parses_back(
     drive(joiner, b"".join(frames), chunks, react)
     assert seen == expected
     assert joiner.state is State.DONE and joiner.last_seqno is not None and joiner.last_seqno >= 6
+
+
+# --- send() and next_event() apply the same table, new frames included ---------------------------
+
+
+# What a kind of the table is made of, for drawing the events a state expects.
+_CHOICES_OF_KIND = {
+    Kind.HANDSHAKE: ["handshake"],
+    Kind.STATUS_REQUEST: ["status_request"],
+    Kind.STATUS: ["status"],
+    Kind.GRANTED: ["grant", "subscribe_grant"],
+    Kind.REFUSED: ["refusal"],
+    Kind.CTRL_OK: ["ctrl_ok"],
+    Kind.CTRL_EOF: ["ctrl_eof"],
+    Kind.CTRL_FC_STOP: ["ctrl_fc"],
+    Kind.CTRL_FC_CONT: ["ctrl_fc"],
+    Kind.WRITE_SETS: ["write_set", "batch"],
+    Kind.SEGMENT: ["segment"],
+    Kind.KEEPALIVE: ["keepalive"],
+}
+_ALL_CHOICES = sorted({c for cs in _CHOICES_OF_KIND.values() for c in cs} | {"ctrl_error"})
+
+
+def _expected_choices(conn: Connection) -> list[str]:
+    """The events the table lets ``conn`` send now (errors aside, as they end everything)."""
+    return sorted(
+        {
+            c
+            for state, role, kind in TRANSITIONS
+            if state is conn.state and role is conn.role and kind is not Kind.CTRL_ERROR
+            for c in _CHOICES_OF_KIND[kind]
+        }
+    )
+
+
+@st.composite
+def some_event(draw: st.DrawFn, sender: Connection) -> Event:
+    """An event for ``sender``: half the time one of a kind the state expects (it may still break a
+    side rule: seqno, range, negotiation), otherwise anything at all."""
+    expected = _expected_choices(sender)
+    likely = bool(expected) and draw(st.booleans())
+    choice = draw(st.sampled_from(expected if likely else _ALL_CHOICES))
+    base = (sender.last_seqno if sender.last_seqno is not None else 10) + 1
+    seqno = base + draw(st.sampled_from([0, 0, 0, 1, -1]))
+    hs = sender.handshake
+    if choice == "handshake":
+        return Handshake(
+            U,
+            10,
+            11,
+            draw(st.sampled_from([-1, 13])),
+            Accept.IST | Accept.SST,
+            (1, 1),
+            "n",
+            follow=draw(st.booleans()),
+            segments=draw(st.booleans()),
+            subscribe=draw(st.booleans()),
+        )
+    if choice == "status_request":
+        return StatusRequest(draw(st.binary(max_size=20)))
+    if choice == "status":
+        return Status(draw(st.binary(max_size=20)))
+    if choice in ("grant", "subscribe_grant"):
+        first = draw(st.sampled_from([1, 12])) if choice == "subscribe_grant" else (hs.first if hs else 11)
+        kind = draw(st.sampled_from([TransferKind.IST, TransferKind.IST, TransferKind.SST]))
+        return HandshakeResponse(kind, 1, RefusalReason.NONE, U, first, first + draw(st.integers(-1, 2)), 0, 0, 0)
+    if choice == "refusal":
+        return HandshakeResponse(TransferKind.NONE, 0, RefusalReason.BUSY, U, -1, -1, 0, 0, 0)
+    if choice == "ctrl_ok":
+        return Ctrl(C_OK)
+    if choice == "ctrl_eof":
+        return Ctrl(C_EOF)
+    if choice == "ctrl_fc":
+        return Ctrl(draw(st.sampled_from([C_FC_STOP, C_FC_CONT])))
+    if choice == "ctrl_error":
+        return Ctrl(-71)
+    if choice == "keepalive":
+        return Keepalive()
+    if choice == "write_set":
+        return WriteSet(seqno, RecordType.TRX, b"x")
+    if choice == "batch":
+        return WriteSetBatch.from_payloads(seqno, b"\x04\x06", [b"y", b""])
+    return Segment(seqno, 2, b"zz")
+
+
+@FUZZ
+@given(st.data())
+def test_send_and_receive_agree_on_random_conversations(data: st.DataObject) -> None:
+    """Whatever one side may send, the other receives as the same event into the same state; what
+    send() refuses changes nothing. Both ends' views stay identical, in every conversation."""
+    conns = {Role.JOINER: Connection(Role.JOINER), Role.DONOR: Connection(Role.DONOR)}
+    for _ in range(data.draw(st.integers(1, 40))):
+        # mostly the side that has something to say, sometimes the other
+        talkers = [r for r in Role if set(_expected_choices(conns[r])) - {"keepalive"}]
+        likely = bool(talkers) and data.draw(st.integers(0, 3)) > 0
+        role = data.draw(st.sampled_from(talkers if likely else list(Role)))
+        sender, receiver = conns[role], conns[Role.DONOR if role is Role.JOINER else Role.JOINER]
+        event = data.draw(some_event(sender))
+        before = (sender.state, sender.last_seqno)
+        try:
+            frame = sender.send(event)
+        except ProtocolError as exc:
+            assert isinstance(exc, LocalProtocolError)
+            assert (sender.state, sender.last_seqno) == before
+            continue
+        assert _feed_all(receiver, frame) == [event]
+        assert receiver.state is sender.state and receiver.last_seqno == sender.last_seqno
+        assert receiver.follow == sender.follow and receiver.subscribe == sender.subscribe
+        if isinstance(event, Ctrl) and event.code < 0:
+            break  # the sender now drops whatever the peer had in flight
