@@ -27,7 +27,9 @@ room. A buffer larger than half the ring, or one the ring cannot make room for (
 overflow page file instead (``gcache.page.000000``, ...), with the same header (store = PAGE).
 
 The seqno index is four parallel arrays indexed by ``seqno - base`` (live from ``lo``): payload offset,
-payload length, type|skipped, and where (0 = ring, else the page id). Evicting only moves ``lo``.
+payload length, meta (type byte | skipped | foreign | break | in a page, see ``SKIP_BIT`` ...), and where
+(0 = ring, else the page id). Evicting only moves ``lo``. The meta bits let ``export_segments`` find runs
+of buffers that can be copied as they are, with byte searches instead of a loop over records.
 
 New buffers are written zero-header-first, then body, then header; whatever instant a process dies at,
 the file holds whole buffers, one buffer whose checksum fails, and reclaimed (-1) buffers. The kernel
@@ -47,11 +49,13 @@ import mmap
 import os
 import re
 import struct
+import sys
 import uuid
 import zlib
 from array import array
 from collections.abc import Sequence
 from itertools import accumulate
+from operator import sub
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -59,11 +63,14 @@ from istd.errors import GcacheCorrupt, GcacheError, GcacheFull, SeqnoNotInCache
 
 from . import format as fmt
 from .format import (
+    ALIGNMENT,
     BH,
     BH_MARK,
     BH_SIZE,
     CRC_PREFIX,
     FILE_OVERHEAD,
+    FLAGS_MAX,
+    MAGIC32,
     MAGIC_CTX,
     NIL_UUID,
     PREAMBLE_LEN,
@@ -100,8 +107,76 @@ class Record(NamedTuple):
     payload: memoryview
 
 
-_TYPE_OF = tuple((m & 0xFF) - 256 if m & 0x80 else m & 0xFF for m in range(512))
-_SKIP_OF = tuple(bool(m & 0x100) for m in range(512))
+# The index's meta entry: type byte | 0x100 skipped | 0x200 foreign (written by Galera: no istd checksum)
+# | 0x400 break (its buffer does not start where the previous seqno's ring buffer ends) | 0x800 in a page.
+# export_segments reads bits 8..15 of a range as bytes: raw runs are where they are 0 or 4, split at 4.
+SKIP_BIT = 0x100
+FOREIGN_BIT = 0x200
+BREAK_BIT = 0x400
+PAGE_BIT = 0x800
+_TYPE_OF = tuple((m & 0xFF) - 256 if m & 0x80 else m & 0xFF for m in range(4096))
+_SKIP_OF = tuple(bool(m & SKIP_BIT) for m in range(4096))
+_META_HI = 1 if sys.byteorder == "little" else 0  # the byte of an array("H") item that holds bits 8..15
+_META_LO = 1 - _META_HI
+_HI_BREAK = bytes([BREAK_BIT >> 8])
+_HI_RAW = bytes([0, BREAK_BIT >> 8])  # high meta bytes of records that can go raw
+_HI_RAW_OK = bytes(1 if b in _HI_RAW else 0 for b in range(256))
+_HI_NOT_PLAIN = bytes(0 if b in (0, SKIP_BIT >> 8) else 1 for b in range(256))  # break, page or foreign
+_U32 = struct.Struct("<I")
+# for the C-speed header checks of import_segment (on a little-endian host)
+_LITTLE = sys.byteorder == "little"
+_ZERO8 = bytes(8)
+_MAGIC_LE = MAGIC32.to_bytes(4, "little")
+_STORE_RB_BYTE = bytes([STORE_RB])
+_FLAG_BYTES = bytes(range(FLAGS_MAX + 1))
+_SKIP_FLAG_BYTES = bytes([SKIPPED, SKIPPED | RELEASED])
+_MULT8_BYTES = bytes(range(0, 256, ALIGNMENT))
+_PAD_BYTES = bytes(range(1, ALIGNMENT + 1))
+_PLUS24 = bytes((b + BH_SIZE) & 0xFF for b in range(256))  # padding byte -> header + padding length
+
+
+class Segment(NamedTuple):
+    """Part of :meth:`GCache.export_segments`: seqnos ``first..last``, either as ``raw`` (a zero-copy view
+    of the records exactly as on disk, for :meth:`GCache.import_segment` on a node of the same history)
+    or as ``records`` (to be sent the ordinary way). Exactly one of the two is set."""
+
+    first: int
+    last: int
+    raw: memoryview | None
+    records: list[Record] | None
+
+
+def segment_payloads(raw: bytes | memoryview) -> list[memoryview]:
+    """The payload views (exact lengths, from the padding byte) of the records of a raw segment. Checks
+    the structure only (sizes, padding bytes; :meth:`GCache.import_segment` checks every header field).
+    Raises GcacheError if ``raw`` is not a sequence of whole records. (A C-speed walk as in import_segment
+    measured slower here: the cost is the one memoryview slice per record, which this loop does anyway.)"""
+    mv = _byte_view(raw)
+    n = len(mv)
+    out: list[memoryview] = []
+    append = out.append
+    size_of = _U32.unpack_from
+    off = 0
+    while off < n:
+        if off + BH_SIZE > n:
+            raise GcacheError(f"raw segment truncated: a header at byte {off} of {n}")
+        size = size_of(mv, off + 16)[0]
+        end = off + size
+        if size <= BH_SIZE or size & 7 or end > n:
+            raise GcacheError(f"raw segment: bad record size {size} at byte {off} of {n}")
+        pad = mv[end - 1]
+        if not 1 <= pad <= ALIGNMENT:
+            raise GcacheError(f"raw segment: bad padding byte {pad} in the record at byte {off}")
+        append(mv[off + BH_SIZE:end - pad])
+        off = end
+    return out
+
+
+def _byte_view(raw: bytes | memoryview) -> memoryview:
+    mv = memoryview(raw)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
 
 
 class _Page:
@@ -277,7 +352,10 @@ class GCache:
         self._base = run[0].seqno
         self._pos = array("q", [p.offset + BH_SIZE for p in run])
         self._len = array("q", [p.length for p in run])
-        self._meta = array("H", [(p.type & 0xFF) | (0x100 if p.flags & SKIPPED else 0) for p in run])
+        self._meta = array("H", [(p.type & 0xFF) | (SKIP_BIT if p.flags & SKIPPED else 0)
+                                 | (FOREIGN_BIT if p.checksum == "none" else 0)
+                                 | (0 if p.offset == prev_end else BREAK_BIT)
+                                 for p, prev_end in zip(run, [-1] + [q.end for q in run[:-1]], strict=True)])
         self._where = array("i", bytes(4 * len(run)))
         self._next_seqno = run[-1].seqno + 1
         self._first, self._next, self._rollover = rec.first, rec.next, rec.rollover
@@ -518,6 +596,16 @@ class GCache:
             blocked = False
             size = -1
             while f < target and f != n:
+                if lo < npos and index[lo] == f + BH_SIZE and where[lo] == 0:
+                    # the oldest cached seqno is here: reclaim the run of buffers that follow it at once
+                    x = self._reclaimable_run(lo, f, target)
+                    if x > lo + 1:
+                        for p in index[lo:x]:
+                            mark(mm, p - BH_SIZE, SEQNO_ILL, MAGIC_CTX)
+                        f = index[x - 1] - BH_SIZE + ((self._len[x - 1] + 32) & -8)
+                        lo = x
+                        size = -1
+                        continue
                 seqno, size = unpack(mm, f)
                 if size == 0:
                     break
@@ -548,6 +636,19 @@ class GCache:
             self._rollover = n
             self._next = RING_START
         return start
+
+    def _reclaimable_run(self, lo: int, f: int, target: int) -> int:
+        """Index entry ``lo`` (the oldest cached) has its buffer at ``f``: the end x of the entries lo..x-1
+        that follow it contiguously in the ring (no break, page or foreign bit), start before ``target``
+        and are not locked. Found with a byte search and a bisect, not a loop over buffers."""
+        index = self._pos
+        m = min(len(index), lo + (target - f) // 32 + 1)  # a buffer is at least 32 bytes
+        k = self._meta[lo + 1:m].tobytes()[_META_HI::2].translate(_HI_NOT_PLAIN).find(1)
+        stop = m if k < 0 else lo + 1 + k
+        x = bisect.bisect_left(index, target + BH_SIZE, lo, stop)
+        if self._locked is not None:
+            x = min(x, self._locked - self._base)
+        return x
 
     def _advance_first_over_dead(self) -> None:
         """Reclaim buffers at ``first`` that no longer hold a cached seqno (after page trimming)."""
@@ -674,16 +775,18 @@ class GCache:
         pos = self._ring_alloc(total, total) if total <= self._ring_size // 2 else None
         if pos is None:
             where, p = self._page_put(s, total, flags, type, payload, n)
+            brk = PAGE_BIT | BREAK_BIT
         else:
             mm = self._mm
             end = pos + total
             mm[end:end + BH_SIZE] = ZERO_BH
             _write_buffer(mm, pos, self._gid_crc, s, total, flags, STORE_RB, type, payload, n)
             self._next = end
+            brk = self._break_bit(pos)
             where, p = 0, pos + BH_SIZE
         self._pos.append(p)
         self._len.append(n)
-        self._meta.append((type & 0xFF) | (0x100 if skipped else 0))
+        self._meta.append((type & 0xFF) | (SKIP_BIT if skipped else 0) | brk)
         self._where.append(where)
         self._next_seqno = s + 1
         self._appended += 1
@@ -729,7 +832,7 @@ class GCache:
                     where, p_off = self._page_put(s0 + i, t, RELEASED, ty, payloads[i], lens[i])
                     self._pos.append(p_off)
                     self._len.append(lens[i])
-                    self._meta.append(ty)
+                    self._meta.append(ty | PAGE_BIT | BREAK_BIT)
                     self._where.append(where)
                     self._next_seqno = s0 + i + 1
                     i += 1
@@ -749,11 +852,19 @@ class GCache:
                 self._flush_all()
         return s0, s0 + count - 1
 
+    def _break_bit(self, h: int) -> int:
+        """BREAK_BIT unless a ring buffer at ``h`` directly follows the previous seqno's ring buffer (one of
+        istd's: a foreign buffer's size is not computed from its length so)."""
+        if not self._pos or self._meta[-1] & (FOREIGN_BIT | PAGE_BIT):
+            return BREAK_BIT
+        return 0 if self._pos[-1] + ((self._len[-1] + 32) & -8) == h + BH_SIZE else BREAK_BIT
+
     def _put_run(self, pos: int, payloads: Sequence[Any], lens: list[int], totals: list[int], tys: bytes,
                  cum: list[int], s0: int, i: int, j: int) -> None:
         """Write write-sets i..j-1 contiguously at ``pos`` (room already made), zero header first."""
         mm = self._mm
         end = pos + cum[j] - cum[i]
+        brk = self._break_bit(pos)
         mm[end:end + BH_SIZE] = ZERO_BH
         crc32 = zlib.crc32
         pfx = CRC_PREFIX.pack
@@ -770,12 +881,115 @@ class GCache:
             cur += t
             s += 1
         off = pos + BH_SIZE - cum[i]
+        k = len(self._meta)
         self._pos.extend([off + c for c in cum[i:j]])
         self._len.extend(lens[i:j])
         self._meta.extend(tys[i:j])
+        self._meta[k] |= brk
         self._where.frombytes(bytes(4 * (j - i)))
         self._next = end
         self._next_seqno = s0 + j
+
+    # ------------------------------------------------------------------ raw segments (fast IST)
+
+    def import_segment(self, first: int, raw: bytes | memoryview) -> tuple[int, list[int]]:
+        """Append the records of ``raw``, a raw segment from :meth:`export_segments` on a node of the same
+        history (GID), at ``next_seqno``, which ``first`` must equal. Returns ``(last seqno, payload
+        lengths)`` (``first - 1, []`` for an empty ``raw``).
+
+        Every header is checked (seqnos consecutive from ``first``, size, store RB, the istd magic, flags,
+        the padding byte, ``raw`` ending at the end of the last record) but payload crcs are not recomputed
+        (the transport has its own checksum), except the first record's: a run of another history is
+        refused rather than cached where no recovery would find it. On any of these GcacheError, and
+        nothing is appended. The records are copied into the ring a contiguous stretch at a time, split
+        only where the ring wraps or eviction stops; where locks block the ring, or a record is larger
+        than half the ring, records go to pages one by one (as :meth:`append`). GcacheFull as
+        :meth:`append_many`: the records before the failing one stay cached."""
+        self._check_writable()
+        s0 = self._next_seqno
+        if first != s0:
+            raise GcacheError(f"import_segment: first seqno {first} out of order, the next seqno is {s0}")
+        if s0 < 1:
+            raise GcacheError(f"import_segment: no valid position (next seqno {s0}); call reset() first")
+        if self._gid == NIL_UUID:
+            raise GcacheError("import_segment: the cache has no history GID; call reset(gid, seqno) first")
+        mv = _byte_view(raw)
+        n = len(mv)
+        if n == 0:
+            return s0 - 1, []
+        sizes, lens, metas = _parse_run(mv, s0)
+        count = len(lens)
+        seqno, ctx, size, flags, store, ty = BH.unpack_from(mv, 0)
+        if fmt.record_crc(self._gid_crc, seqno, size, flags, store, ty, mv[BH_SIZE:BH_SIZE + lens[0]]) \
+                != ctx & 0xFFFFFFFF:
+            raise GcacheError(f"import_segment: the checksum of seqno {s0} does not match this cache's "
+                              f"history {self._gid}: the run belongs to another history or is damaged")
+        half = self._ring_size // 2
+        big: list[int] = []
+        if n > half and max(sizes) > half:  # these go to pages (as in append)
+            big = [k for k, t in enumerate(sizes) if t > half]
+        cum: list[int] = []  # record offsets in raw, and n: only needed when the run is written in parts
+        i = 0
+        try:
+            while i < count:
+                t = sizes[i]
+                if i and not cum:
+                    cum = list(accumulate(sizes, initial=0))
+                pos = self._ring_alloc(t, min(n - cum[i] if i else n, self._ring_size)) if t <= half else None
+                if pos is None:
+                    if not cum:
+                        cum = list(accumulate(sizes, initial=0))
+                    h = cum[i]
+                    _s, _c, _t, fl, _st, ty = BH.unpack_from(mv, h)
+                    where, p_off = self._page_put(s0 + i, t, fl, ty, mv[h + BH_SIZE:h + BH_SIZE + lens[i]],
+                                                  lens[i])
+                    self._pos.append(p_off)
+                    self._len.append(lens[i])
+                    self._meta.append(metas[i] | PAGE_BIT | BREAK_BIT)
+                    self._where.append(where)
+                    self._next_seqno = s0 + i + 1
+                    i += 1
+                    continue
+                limit = self._first - BH_SIZE if self._rollover is not None else self._ring_end
+                if i == 0 and not big and n <= limit - pos:  # the whole run at once (the common case)
+                    j, a, b = count, 0, n
+                    positions = list(accumulate(sizes[:-1], initial=pos + BH_SIZE))
+                else:
+                    if not cum:
+                        cum = list(accumulate(sizes, initial=0))
+                    # the longest run i..j-1 that fits contiguously at pos, stopping before a page-bound one
+                    j = bisect.bisect_right(cum, cum[i] + limit - pos, i + 1) - 1
+                    if big:
+                        k = bisect.bisect_right(big, i)
+                        if k < len(big):
+                            j = min(j, big[k])
+                    a, b = cum[i], cum[j]
+                    off = pos + BH_SIZE - a
+                    positions = [off + c for c in cum[i:j]]
+                end = pos + b - a
+                brk = self._break_bit(pos)
+                mm = self._mm
+                mm[end:end + BH_SIZE] = ZERO_BH
+                mm[pos:end] = mv[a:b]  # headers included: a torn copy fails the torn record's crc
+                k = len(self._meta)
+                self._pos.fromlist(positions)
+                self._len.fromlist(lens[i:j])
+                if isinstance(metas, bytes):  # type bytes: widen to the array's 16 bits at C speed
+                    wide = bytearray(2 * (j - i))
+                    wide[_META_LO::2] = metas[i:j]
+                    self._meta.frombytes(wide)
+                else:
+                    self._meta.fromlist(metas[i:j])
+                self._meta[k] |= brk
+                self._where.frombytes(bytes(4 * (j - i)))
+                self._next = end
+                self._next_seqno = s0 + j
+                i = j
+        finally:
+            self._appended += self._next_seqno - s0
+            if self._sync:
+                self._flush_all()
+        return s0 + count - 1, lens
 
     # ------------------------------------------------------------------ reading
 
@@ -813,6 +1027,56 @@ class GCache:
         mv = self._mv
         return [_new(Record, (s, T[m], K[m], mv[p:p + n]))
                 for s, p, n, m in zip(seqnos, pos, lens, meta, strict=True)]
+
+    def export_segments(self, first: int, last: int) -> list[Segment]:
+        """Write-sets ``first..last`` as few :class:`Segment` s as possible, in order. Runs of istd records
+        in the ring come as ``raw``: a zero-copy view of the bytes on disk (headers, payloads, padding),
+        which :meth:`import_segment` on a node of the same history appends as they are; a run is split at
+        the ring's rollover (and wherever discarded buffers lie between two cached ones). Records in pages,
+        written by Galera, or skipped come as ``records`` (from :meth:`get_range`). SeqnoNotInCache if any
+        seqno is not cached. The views live as :meth:`get_range`'s do. No Python work per record for a
+        raw run: its bounds come from the index, its breaks from a byte search over the index's flags."""
+        if last < first:
+            return []
+        i0 = first - self._base
+        i1 = last - self._base + 1
+        if i0 < self._lo or i1 > len(self._pos) or self._closed:
+            raise SeqnoNotInCache(f"seqnos {first}-{last} not in cache ({self._range_text()})")
+        hi = self._meta[i0:i1].tobytes()[_META_HI::2]
+        if not hi.translate(None, _HI_RAW):  # nothing in a page, skipped or foreign
+            return self._raw_segments(i0, i1, hi, i0)
+        raw_ok = hi.translate(_HI_RAW_OK)
+        segs: list[Segment] = []
+        k = i1 - i0
+        i = 0
+        while i < k:
+            good = raw_ok[i]
+            j = raw_ok.find(b"\0" if good else b"\1", i)
+            if j < 0:
+                j = k
+            if good:
+                segs += self._raw_segments(i0 + i, i0 + j, hi, i0)
+            else:
+                a, b = self._base + i0 + i, self._base + i0 + j - 1
+                segs.append(_new(Segment, (a, b, None, self.get_range(a, b))))
+            i = j
+        return segs
+
+    def _raw_segments(self, i: int, j: int, hi: bytes, h0: int) -> list[Segment]:
+        """Raw segments for index entries i..j-1, all istd records in the ring (``hi``: the high bytes of
+        the meta entries from entry ``h0``): one per stretch between break bits (the first one's is moot)."""
+        pos, lens, mv = self._pos, self._len, self._mv
+        base = self._base
+        segs: list[Segment] = []
+        a = i
+        while True:
+            x = hi.find(_HI_BREAK, a + 1 - h0, j - h0)
+            b = j if x < 0 else x + h0
+            end = pos[b - 1] - BH_SIZE + ((lens[b - 1] + 32) & -8)
+            segs.append(_new(Segment, (base + a, base + b - 1, mv[pos[a] - BH_SIZE:end], None)))
+            if x < 0:
+                return segs
+            a = b
 
     def _range_text(self) -> str:
         if self._closed:
@@ -967,3 +1231,98 @@ class GCache:
             "sync": self._sync,
             "closed": self._closed,
         }
+
+
+def _parse_run(mv: memoryview, first: int) -> tuple[Sequence[int], list[int], bytes | list[int]]:
+    """Check the headers of a raw run (see :meth:`GCache.import_segment`) and return the record sizes,
+    the payload lengths and the index meta entries. GcacheError if bad.
+
+    Fast path: the only Python loop steps from size to size, copying each header with the 8 bytes before
+    it (the previous record's padding byte is the last of them); then every field of every header is
+    checked at C speed at fixed strides of that copy. Any doubt goes to :func:`_parse_run_checked`, the
+    per-record reference, which finds the bad record and says what is wrong with it."""
+    n = len(mv)
+    if n & 7 or n < 32 or not _LITTLE:
+        return _parse_run_checked(mv, first)
+    src = b"".join((_ZERO8, mv))  # record k's header is src[o + 8:o + 32], its size field src[o + 24:o + 28]
+    size_at = memoryview(src)[24:].cast("I")
+    heads: list[bytes] = []
+    add = heads.append
+    off = 0
+    try:
+        while off < n:
+            add(src[off:off + 32])
+            off += size_at[off >> 2] or n  # a zero size must not loop (it fails the checks below)
+    except IndexError:  # a header cut short at the end
+        return _parse_run_checked(mv, first)
+    k = len(heads)
+    heads.append(src[n:n + 8])  # ends with the last record's padding byte
+    blob = b"".join(heads)
+    hv = memoryview(blob)
+    h32 = hv.cast("I") if len(blob) == 32 * k + 8 else None
+    if h32 is None:
+        return _parse_run_checked(mv, first)
+    sizes = array("I")
+    sizes.frombytes(h32[6::8].tobytes())
+    pads = blob[39::32]
+    lens = list(map(sub, sizes, pads.translate(_PLUS24)))
+    flags_lo = blob[28::32]
+    if (sum(sizes) != n
+            or blob[24::32].translate(None, _MULT8_BYTES)  # sizes are multiples of 8 (so offsets are)
+            or pads.translate(None, _PAD_BYTES)
+            or min(lens) < 0  # with the two checks above: every size >= 32
+            or hv.cast("q")[1::4].tobytes() != struct.pack(f"<{k}q", *range(first, first + k))
+            or h32[5::8].tobytes() != _MAGIC_LE * k
+            or blob[30::32] != _STORE_RB_BYTE * k
+            or blob[29::32] != bytes(k)
+            or flags_lo.translate(None, _FLAG_BYTES)):
+        return _parse_run_checked(mv, first)
+    types = blob[31::32]
+    if _SKIP_FLAG_BYTES[0] in flags_lo or _SKIP_FLAG_BYTES[1] in flags_lo:
+        return sizes, lens, [t | (f & SKIPPED) << 7 for t, f in zip(types, flags_lo, strict=True)]
+    return sizes, lens, types
+
+
+def _parse_run_checked(mv: memoryview, first: int) -> tuple[list[int], list[int], list[int]]:
+    """The reference for :func:`_parse_run`: one header at a time, with a precise error."""
+    n = len(mv)
+    unpack = BH.unpack_from
+    sizes: list[int] = []
+    lens: list[int] = []
+    metas: list[int] = []
+    off = 0
+    s = first
+    while off < n:
+        if off + BH_SIZE > n:
+            raise GcacheError(f"import_segment: raw run truncated: a header at byte {off} of {n}")
+        seqno, ctx, size, flags, store, ty = unpack(mv, off)
+        if seqno != s or size <= BH_SIZE or size & 7 or store != STORE_RB or ctx >> 32 != MAGIC32 \
+                or flags > FLAGS_MAX:
+            raise GcacheError(_bad_header(off, s, seqno, ctx, size, flags, store))
+        end = off + size
+        if end > n:
+            raise GcacheError(f"import_segment: raw run truncated: seqno {s} at byte {off} ends at byte "
+                              f"{end}, the run at {n}")
+        pad = mv[end - 1]
+        if not 1 <= pad <= ALIGNMENT:
+            raise GcacheError(f"import_segment: bad padding byte {pad} in seqno {s} at byte {off}")
+        sizes.append(size)
+        lens.append(size - BH_SIZE - pad)
+        metas.append((ty & 0xFF) | (flags & SKIPPED) << 7)
+        off = end
+        s += 1
+    return sizes, lens, metas
+
+
+def _bad_header(off: int, s: int, seqno: int, ctx: int, size: int, flags: int, store: int) -> str:
+    if seqno != s:
+        why = f"seqno {seqno}, expected {s}"
+    elif size <= BH_SIZE or size & 7:
+        why = f"bad size {size}"
+    elif store != STORE_RB:
+        why = f"store {store}, not RB ({STORE_RB})"
+    elif ctx >> 32 != MAGIC32:
+        why = f"no istd checksum (ctx {ctx:#x})"
+    else:
+        why = f"bad flags {flags:#x}"
+    return f"import_segment: bad record header at byte {off}: {why}"

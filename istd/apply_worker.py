@@ -102,8 +102,13 @@ def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: Bina
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent closes our stdin when it stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    datadir, applier_name, cluster_uuid = sys.argv[1], sys.argv[2], uuid.UUID(sys.argv[3])
-    sys.exit(serve(Path(datadir), applier_name, cluster_uuid, sys.stdin.buffer, sys.stdout.buffer))
+    try:
+        datadir, applier_name, cluster_uuid = sys.argv[1], sys.argv[2], uuid.UUID(sys.argv[3])
+        code = serve(Path(datadir), applier_name, cluster_uuid, sys.stdin.buffer, sys.stdout.buffer)
+    except Exception as exc:  # one line for the parent's log, never a traceback on the operator's terminal
+        sys.stderr.write(f"istd apply worker: {type(exc).__name__}: {exc}\n")
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import trio
 
 from istd import exitcodes
 from istd.cli import fail, load_options, provider_options_option
+from istd.cluster import GROUP_PORT
 from istd.daemon import DEFAULT_API_PORT, DEFAULT_IST_PORT, DaemonConfig, run
 from istd.errors import IstError
 from istd.trioutil import unwrap
@@ -57,15 +58,19 @@ class HostPort(click.ParamType):
 
 
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--api-listen", "api", type=HostPort(DEFAULT_API_PORT, allow_none=True),
+                     default=f"0.0.0.0:{DEFAULT_API_PORT}",
+                     help="HTTP API address (GET /status, POST /write); 'none' disables it")(f)
+    return storage_options(f)
+
+
+def storage_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--datadir", required=True, type=click.Path(file_okay=False, path_type=Path),
                      help="data directory: grastate.dat, galera.cache, the applied state")(f)
     f = click.option("--name", default=socket.gethostname(), show_default="host name",
                      help="node name (wsrep_node_name)")(f)
     f = click.option("--applier", type=click.Choice(["sqlite", "none"]), default="sqlite",
                      help="how write-sets are applied: SQLite state, or none (keep them in the gcache only)")(f)
-    f = click.option("--api-listen", "api", type=HostPort(DEFAULT_API_PORT, allow_none=True),
-                     default=f"0.0.0.0:{DEFAULT_API_PORT}",
-                     help="HTTP API address (GET /status, POST /write); 'none' disables it")(f)
     return provider_options_option(f)
 
 
@@ -106,6 +111,35 @@ def joiner(datadir: Path, name: str, applier: str, api: tuple[str, int] | None, 
     cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
                        api=api, donors=donors, follow=follow, retries=retries)
     return _run(cfg, "joiner")
+
+
+def _peers(text: str) -> tuple[tuple[str, int], ...]:
+    try:
+        return tuple(parse_hostport(p, GROUP_PORT) for p in text.split(",") if p.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--peers") from exc
+
+
+@click.command()
+@storage_options
+@click.option("--address", default="127.0.0.1", help="this node's address: group, IST and API ports listen here")
+@click.option("--peers", default="", help="the other members' group addresses, HOST[:4567],... (Galera's gcomm://)")
+@click.option("--bootstrap", is_flag=True, help="start a new cluster from this node (like --wsrep-new-cluster)")
+@click.option("--writer", default=None, help="name of the node that takes writes (default: the bootstrapped one)")
+@click.option("--donor", "donor_names", default="", help="preferred donors by name, NAME,... (wsrep_sst_donor)")
+@click.option("--group-port", type=click.IntRange(1, 65535), default=GROUP_PORT, help="Galera's group port")
+@click.option("--ist-port", type=click.IntRange(1, 65535), default=DEFAULT_IST_PORT, help="IST port")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=DEFAULT_API_PORT, help="HTTP API port, 0: off")
+def node(datadir: Path, name: str, applier: str, provider_options: str, address: str,
+         peers: str, bootstrap: bool, writer: str | None, donor_names: str, group_port: int, ist_port: int,
+         api_port: int) -> int:
+    """Run a cluster member: replication (4567), IST (4568) and the API (4580), all on --address; a node that
+    is behind joins by IST from a synced member, then follows the writer."""
+    cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
+                       listen=(address, ist_port), api=(address, api_port) if api_port else None,
+                       bootstrap=bootstrap, address=address, group_port=group_port, peers=_peers(peers),
+                       donor_names=tuple(n for n in donor_names.split(",") if n), writer=writer)
+    return _run(cfg, "node")
 
 
 @click.group()

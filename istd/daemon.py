@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from istd import exitcodes
+from istd.cluster import Cluster
 from istd.config import ProviderOptions
 from istd.donor import IstServer
 from istd.errors import IstError, StateError
@@ -50,6 +51,12 @@ class DaemonConfig:
     donors: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     follow: bool = False
     retries: int = 5
+    # istd node (cluster mode)
+    address: str = "127.0.0.1"
+    group_port: int = 4567
+    peers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    donor_names: tuple[str, ...] = field(default_factory=tuple)
+    writer: str | None = None
 
 
 class _Shutdown:
@@ -69,11 +76,13 @@ async def _watch_signals(scope: trio.CancelScope, shutdown: _Shutdown) -> None:
 class _ApiNode:
     """What the HTTP API sees of a daemon."""
 
-    def __init__(self, node: LocalNode, parts: list[Any], writer: bool, donors: tuple[tuple[str, int], ...]):
+    def __init__(self, node: LocalNode, parts: list[Any], writer: bool, donors: tuple[tuple[str, int], ...],
+                 write: Callable[[list[bytes]], Awaitable[tuple[int, int]]] | None = None):
         self.node = node
         self.parts = parts
         self.writer = writer
         self.donors = donors
+        self._write = write
 
     def status(self) -> dict[str, Any]:
         status = self.node.status()
@@ -82,6 +91,8 @@ class _ApiNode:
         return status
 
     async def write(self, payloads: list[bytes]) -> tuple[int, int]:
+        if self._write is not None:
+            return await self._write(payloads)
         if not self.writer:
             where = ", ".join(f"{h}:{p}" for h, p in self.donors) or "the donor"
             raise NotWriter(f"this node ({self.node.name}) is a joiner and takes no writes; "
@@ -110,6 +121,7 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
         )
     shutdown = _Shutdown()
     code = exitcodes.OK
+    cluster: Cluster | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, nursery.cancel_scope, shutdown)
@@ -125,6 +137,10 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
                     ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
                 task_status.started(ports)
                 await trio.sleep_forever()
+            if role == "node":
+                cluster = await _start_cluster_node(cfg, node, nursery, ports)
+                task_status.started(ports)
+                await trio.sleep_forever()
             joiner = Joiner(node, list(cfg.donors), follow=cfg.follow, retries=cfg.retries)
             api_node = _ApiNode(node, [joiner], writer=False, donors=cfg.donors)
             if cfg.api:
@@ -133,7 +149,36 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
             code = await joiner.run()
             nursery.cancel_scope.cancel()
     finally:
+        if cluster is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                node.safe_to_bootstrap = await cluster.safe_to_bootstrap()
         node.close()
     if shutdown.signum is not None and role == "joiner" and not cfg.follow and node.state is not NodeState.SYNCED:
         return exitcodes.INTERRUPTED if shutdown.signum == signal.SIGINT else exitcodes.TERMINATED
     return code
+
+
+async def _start_cluster_node(cfg: DaemonConfig, node: LocalNode, nursery: trio.Nursery,
+                              ports: dict[str, int]) -> Cluster:
+    """`istd node`: group port, IST and API on the node's address; the writer serves, the others follow."""
+    writer = cfg.bootstrap if cfg.writer is None else cfg.writer == cfg.name
+    assert cfg.listen is not None
+    ist = IstServer(node)
+    api_port = cfg.api[1] if cfg.api else None
+    cluster = Cluster(node, ist, address=cfg.address, group_port=cfg.group_port, ist_port=cfg.listen[1],
+                      api_port=api_port, peers=list(cfg.peers), donor_names=list(cfg.donor_names), writer=writer)
+    ports["group"] = await _listen("the group port", cluster.serve, nursery, cfg.address, cfg.group_port)
+    ports["ist"] = await _listen("IST", ist.serve, nursery, cfg.listen[0], cfg.listen[1])
+    if cfg.api:
+        api_node = _ApiNode(node, [ist, cluster], writer=writer, donors=(), write=cluster.write)
+        ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
+    nursery.start_soon(cluster.gossip)
+    if writer:
+        if not node.position_known:
+            raise StateError(f"{cfg.datadir} has no usable state: the writer needs --bootstrap the first time")
+        node.shift(NodeState.JOINED)
+        node.shift(NodeState.SYNCED)
+        log.info("Synchronized with group, ready for connections", seqno=node.last_committed, writer=True)
+    else:
+        nursery.start_soon(cluster.follow)
+    return cluster

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,9 @@ class TransferStats:
 class IstServer:
     """Serves IST from a LocalNode's gcache to any number of joiners at once."""
 
-    def __init__(self, node: LocalNode) -> None:
+    def __init__(self, node: LocalNode, label: str = "IST") -> None:
         self.node = node
+        self.label = label
         opts = node.options
         self.handshake_timeout: float = opts["ist.handshake_timeout"]
         self.idle_timeout: float = opts["ist.idle_timeout"]
@@ -135,16 +137,31 @@ class IstServer:
         self.batch_bytes: int = opts["ist.batch_size"]
         self.max_frame_bytes: int = opts["ist.max_frame_size"]
         self.active: dict[int, TransferStats] = {}
+        # hooks for the cluster mode (istd/cluster.py): another first message than HANDSHAKE (STATUS_REQUEST),
+        # another decision for a replication subscription, and the subscriber's flow-control Ctrl codes
+        self.on_first_event: Callable[[Any, Any], Awaitable[bool]] | None = None
+        self.decide_hook: Callable[[Handshake], HandshakeResponse | None] | None = None
+        self.on_ctrl: Callable[[int, int], None] | None = None
+        self.on_close: Callable[[int], None] | None = None
         self.counters = {"istd_ist_served": 0, "istd_ist_failed": 0, "istd_ist_refused": 0,
                          "istd_ist_sent_writesets": 0, "istd_ist_sent_bytes": 0}
 
     def status(self) -> dict[str, Any]:
         return {**self.counters, "istd_ist_active_transfers": len(self.active)}
 
+    def decide(self, hs: Handshake) -> HandshakeResponse:
+        if self.decide_hook is not None:
+            response = self.decide_hook(hs)
+            if response is not None:
+                return response
+        node = self.node
+        return decide_ist(hs, donor_uuid=node.uuid, donor_last=node.last_committed,
+                          cached_downto=node.gcache.seqno_min)
+
     async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         actual = listeners[0].socket.getsockname()[1]
-        log.info(f"IST listener open at tcp://{host or '0.0.0.0'}:{actual}", host=host, port=actual)
+        log.info(f"{self.label} listener open at tcp://{host or '0.0.0.0'}:{actual}", host=host, port=actual)
         task_status.started(actual)
         await trio.serve_listeners(self.handle, listeners)
 
@@ -170,6 +187,8 @@ class IstServer:
             finally:
                 self.active.pop(conn_id, None)
                 sender.release()
+                if self.on_close is not None:
+                    self.on_close(conn_id)
                 await trio.aclose_forcefully(stream)
 
 
@@ -236,11 +255,18 @@ class _Sender:
     async def run(self) -> None:
         with trio.fail_after(self.server.handshake_timeout):
             hs = await self._next_event()
+            hook = self.server.on_first_event
+            if hook is not None and not isinstance(hs, Handshake) and await hook(self, hs):
+                return
             if not isinstance(hs, Handshake):
                 raise ProtocolError(f"expected HANDSHAKE, got {type(hs).__name__}")
             node = self.node
-            response = decide_ist(hs, donor_uuid=node.uuid, donor_last=node.last_committed,
-                                  cached_downto=node.gcache.seqno_min)
+            if hs.cluster_uuid == node.uuid and hs.last > node.last_committed:
+                # a cluster donor slightly behind the range waits for its own replication (the range is fixed)
+                log.info(f"IST request up to {hs.last}: waiting for this node to reach it "
+                         f"(at {node.last_committed})", last=hs.last, at=node.last_committed)
+                await node.committed.wait_above(hs.last - 1)
+            response = self.server.decide(hs)
             log.info(f"IST request: {hs.cluster_uuid}:{hs.last_applied}-{response.donor_last}|{self.peer}",
                      joiner=hs.node_name, uuid=str(hs.cluster_uuid), last_applied=hs.last_applied,
                      first=response.first, last=response.last, follow=hs.follow)
@@ -255,8 +281,7 @@ class _Sender:
                 try:
                     self._relock(response.first)
                 except SeqnoNotInCache:  # evicted between the decision and the lock
-                    response = decide_ist(hs, donor_uuid=node.uuid, donor_last=node.last_committed,
-                                          cached_downto=node.gcache.seqno_min)
+                    response = self.server.decide(hs)
                     await self._send(response)
                     return
             await self._send(response)
@@ -383,6 +408,8 @@ class _Sender:
                     raise trio.TooSlowError
                 if isinstance(event, Ctrl) and event.code < 0:
                     raise ProtocolError(f"joiner aborted the transfer with code {event.code}", event.code)
+                if isinstance(event, Ctrl) and event.code > C_EOF and self.server.on_ctrl is not None:
+                    self.server.on_ctrl(self.conn_id, event.code)  # flow control from a subscriber
                 if isinstance(event, ConnectionClosed):
                     if self.eof_sent:
                         self.joiner_closed.set()

@@ -25,6 +25,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,11 +162,20 @@ class Joiner:
     """Catch a LocalNode up from a list of donors; optionally keep following."""
 
     def __init__(self, node: LocalNode, donors: list[tuple[str, int]], *, follow: bool = False,
-                 retries: int = 5) -> None:
+                 retries: int = 5, target_last: int | None = None,
+                 on_caught_up: Callable[[], None] | None = None,
+                 on_applied: Callable[[], None] | None = None) -> None:
+        """``target_last`` fixes the end of the range (a cluster node asks for its gap up to the group position it
+        saw when it subscribed to replication); ``on_caught_up`` replaces the shift to Synced (a cluster node
+        becomes Synced only when its replication queue is short); ``on_applied`` runs after every applied
+        batch (flow control)."""
         self.node = node
         self.donors = donors
         self.follow = follow
         self.retries = retries
+        self.target_last = target_last
+        self.on_caught_up = on_caught_up
+        self.on_applied = on_applied
         opts = node.options
         self.connect_timeout: float = opts["ist.connect_timeout"]
         self.handshake_timeout: float = opts["ist.handshake_timeout"]
@@ -312,7 +322,8 @@ class Joiner:
         last_applied = self.received_upto
         with trio.fail_after(self.handshake_timeout):
             await stream.send_all(conn.send(Handshake(
-                cluster_uuid=node.uuid, last_applied=last_applied, first=last_applied + 1, last=-1,
+                cluster_uuid=node.uuid, last_applied=last_applied, first=last_applied + 1,
+                last=-1 if self.target_last is None else self.target_last,
                 accept=Accept.IST, versions=SUPPORTED_VERSIONS, node_name=node.name, follow=self.follow,
                 segments=True)))
             response = await receive.event()
@@ -413,6 +424,8 @@ class Joiner:
         self.node.committed.set(item.last)
         self.queue.done(item.count, item.nbytes)
         self._check_caught_up()
+        if self.on_applied is not None:
+            self.on_applied()
 
     async def _apply_through_worker(self) -> None:
         """Send queued batches to the apply worker process; its acks advance the position."""
@@ -456,9 +469,12 @@ class Joiner:
                      seconds=round(elapsed, 3), rate=round(p.total / elapsed),
                      mb_per_s=round(p.received_bytes / elapsed / 1e6, 1))
         node.shift(NodeState.JOINED)
+        self.caught_up.set()
+        if self.on_caught_up is not None:
+            self.on_caught_up()
+            return
         node.shift(NodeState.SYNCED)
         log.info("Synchronized with group, ready for connections", seqno=node.last_committed)
-        self.caught_up.set()
 
     async def _wait_applied(self, target: int | None) -> None:
         if target is None:
@@ -486,7 +502,7 @@ class ApplyWorker:
         lock_fd = node.lock_fd
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "istd.apply_worker", str(node.datadir), node.applier_name, str(node.uuid)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(lock_fd,) if lock_fd is not None else ())
         for stream in (proc.stdin, proc.stdout):
             with contextlib.suppress(OSError, AttributeError):  # Linux only; a smaller pipe still works
@@ -505,14 +521,25 @@ class ApplyWorker:
         try:
             await self.proc.stdin.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ApplyError(f"the apply worker process exited ({self.proc.poll()})") from exc
+            raise ApplyError(await self._exit_reason()) from exc
+
+    async def _exit_reason(self) -> str:
+        """The worker's one-line error (it writes nothing else to stderr) and its exit code."""
+        said = b""
+        with trio.move_on_after(WORKER_EXIT_TIMEOUT_SECONDS):
+            assert self.proc.stderr is not None
+            while chunk := await self.proc.stderr.receive_some(65536):
+                said += chunk
+            code = await self.proc.wait()
+            return f"the apply worker process exited ({code}): {said.decode(errors='replace').strip()}"
+        return "the apply worker process stopped answering"
 
     async def _read(self, n: int) -> bytes:
         assert self.proc.stdout is not None
         while len(self._buffer) < n:
             chunk = await self.proc.stdout.receive_some(65536)
             if not chunk:
-                raise ApplyError(f"the apply worker process exited ({await self.proc.wait()})")
+                raise ApplyError(await self._exit_reason())
             self._buffer += chunk
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
