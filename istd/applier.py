@@ -143,6 +143,21 @@ _NO_POSITION = -(2**63) - 1  # below every seqno: nothing is skipped
 _op_of = operator.itemgetter(0)
 
 
+def _digest(conn: sqlite3.Connection, path: Path) -> str:
+    h = hashlib.sha256(_DIGEST_DOMAIN)
+    update, frame = h.update, _ROW_FRAME.pack
+    try:
+        for tbl, key, value in conn.execute("SELECT tbl, key, value FROM rows ORDER BY tbl, key"):
+            t = tbl.encode()
+            update(frame(len(t), len(key), len(value)))
+            update(t)
+            update(key)
+            update(value)
+    except sqlite3.Error as exc:
+        raise ApplyError(f"cannot read {path}: {exc}") from exc
+    return h.hexdigest()
+
+
 class SqliteApplier:
     """Rows and position in one SQLite file, ``DATADIR/istd-state.sqlite``.
 
@@ -285,20 +300,26 @@ class SqliteApplier:
 
     def digest(self) -> str:
         """sha256 of all rows in (tbl, key) order, each framed by its lengths."""
-        h = hashlib.sha256(_DIGEST_DOMAIN)
-        update, frame = h.update, _ROW_FRAME.pack
         with self._lock:
-            conn = self._require_open()
-            try:
-                for tbl, key, value in conn.execute("SELECT tbl, key, value FROM rows ORDER BY tbl, key"):
-                    t = tbl.encode()
-                    update(frame(len(t), len(key), len(value)))
-                    update(t)
-                    update(key)
-                    update(value)
-            except sqlite3.Error as exc:
-                raise ApplyError(f"cannot read {self.path}: {exc}") from exc
-        return h.hexdigest()
+            return _digest(self._require_open(), self.path)
+
+    def snapshot_digest(self) -> tuple[tuple[uuid.UUID, int] | None, str]:
+        """(position, digest) read in one transaction on a connection of its own: callable from any thread
+        without waiting for (or holding up) the applying connection."""
+        try:
+            conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ApplyError(f"cannot open {self.path} to read: {exc}") from exc
+        try:
+            conn.execute("BEGIN")
+            position = self._read_position(conn)
+            digest = _digest(conn, self.path)
+            conn.execute("COMMIT")
+            return position, digest
+        except sqlite3.Error as exc:
+            raise ApplyError(f"cannot read {self.path}: {exc}") from exc
+        finally:
+            conn.close()
 
     def row_count(self) -> int:
         with self._lock:

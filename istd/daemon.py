@@ -125,6 +125,7 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, nursery.cancel_scope, shutdown)
+            nursery.start_soon(node.digest_loop)
             ports: dict[str, int] = {}
             if role == "donor":
                 server = IstServer(node)

@@ -37,6 +37,9 @@ from protocol import RecordType
 
 log = structlog.get_logger("istd.node")
 
+# How often the state digest shown in the status is refreshed (when the position moved).
+DIGEST_PERIOD_SECONDS = 2.0
+
 # protocol record type -> gcache buffer type (SKIP is a flag in gcache, its type byte is unused)
 _GCACHE_TYPE = {RecordType.TRX: WRITESET, RecordType.CCHANGE: CCHANGE, RecordType.SKIP: WRITESET}
 TO_GCACHE_TYPES = bytes(_GCACHE_TYPE.get(RecordType(i), WRITESET) if i in (4, 5, 6) else 0 for i in range(256))
@@ -88,6 +91,8 @@ class LocalNode:
         self._write_lock = trio.Lock()
         self._gcache: GCache | None = None
         self._applier: Applier | None = None
+        self._digest = ""
+        self._digest_seqno = -1
 
     # ------------------------------------------------------------------------------- properties
 
@@ -279,6 +284,20 @@ class LocalNode:
 
     # ------------------------------------------------------------------------------- status
 
+    async def digest_loop(self) -> None:
+        """Keep `istd_state_digest` current for `istd status`, computed in a worker thread (it reads every
+        row) and only when the position moved; a digest is shown only with the seqno it belongs to."""
+        while True:
+            await trio.sleep(DIGEST_PERIOD_SECONDS)
+            if self.applier_name == "none" or self.last_committed == self._digest_seqno:
+                continue
+            snapshot = getattr(self.applier, "snapshot_digest", None)
+            if snapshot is None:
+                continue
+            position, digest = await trio.to_thread.run_sync(snapshot)
+            if position is not None and position[0] == self.uuid:
+                self._digest, self._digest_seqno = digest, position[1]
+
     def status(self) -> dict[str, Any]:
         gcache = self._gcache
         status: dict[str, Any] = {
@@ -305,5 +324,8 @@ class LocalNode:
             for key in ("ring_used", "pages", "evicted"):
                 if key in stats:
                     status[f"istd_gcache_{key}"] = stats[key]
+        if self._digest_seqno >= 0:
+            status["istd_state_digest"] = self._digest
+            status["istd_state_digest_seqno"] = self._digest_seqno
         status.update(self.extra_status)
         return status

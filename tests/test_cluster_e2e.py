@@ -134,6 +134,15 @@ def test_stop_and_start_a_node_rejoins_by_ist_from_a_follower(tmp_path: Path) ->
         assert any(m.startswith("async IST sender starting to serve") and m.endswith("sending 20001-50000")
                    for m in donor_events)
         assert digest(node1.datadir) == digest(node2.datadir) == digest(node3.datadir)
+        # the same digest in every node's status, and `istd status` shows the cluster side by side
+        wait_until(lambda: all((n.status() or {}).get("istd_state_digest_seqno") == 50_000 for n in nodes),
+                   "digests in the status")
+        assert len({(n.status() or {})["istd_state_digest"] for n in nodes}) == 1
+        table = run_istd("status", "--node", node1.api, "--node", node2.api, "--node", node3.api).stdout
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+        assert rows["wsrep_local_state_comment"].count("Synced") == 3
+        assert rows["wsrep_last_committed"].count("50000") == 3
+        assert "istd_state_digest" in rows
 
 
 def test_writes_to_a_follower_name_the_writer_and_flow_control_pauses_the_writer(tmp_path: Path) -> None:
