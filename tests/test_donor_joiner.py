@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 
 from istd.config import resolve
@@ -235,3 +236,30 @@ async def test_negative_ctrl_from_joiner_releases_the_lock(
             await trio.sleep(0.01)
     assert node.gcache.seqno_locked is None
     assert server.counters["istd_ist_failed"] == 1
+
+
+async def test_donor_behind_the_requested_range_waits_for_its_own_replication(
+        tmp_path: Path, donor: tuple[LocalNode, IstServer, int]) -> None:
+    node, server, port = donor
+    joiner = joiner_node(tmp_path, node)
+    target = GAP + 500
+    try:
+        with trio.fail_after(30), structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                done = trio.Event()
+
+                async def join() -> None:
+                    assert await Joiner(joiner, [("127.0.0.1", port)], target_last=target).run() == 0
+                    done.set()
+
+                nursery.start_soon(join)
+                # the donor is at GAP: it holds the request until it has the whole range
+                while not any("waiting for this node to reach it" in e["event"] for e in logs):
+                    await trio.sleep(0.01)
+                assert not done.is_set() and joiner.last_committed == 0
+                await node.write([synthetic(s, 200) for s in range(GAP + 1, target + 1)])
+                await done.wait()
+    finally:
+        joiner.close()
+    assert joiner.last_committed == target
+    assert server.counters["istd_ist_served"] == 1
