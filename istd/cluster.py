@@ -125,6 +125,8 @@ class Cluster:
         self.group_seqno = -1
         self._pending: deque[Any] = deque()
         self._pending_count = 0
+        self._pending_bytes = 0
+        self._pending_flushed = trio.Event()
         self._ist_running = False
         self._take_lock = trio.Lock()
         self._fc_sent = False
@@ -357,6 +359,10 @@ class Cluster:
 
     async def _follow_once(self, joiner: Joiner) -> None:
         node = self.node
+        # write-sets held back by a failed attempt were never stored: the next subscription and IST cover them
+        self._pending.clear()
+        self._pending_count = self._pending_bytes = 0
+        self._ist_running = False
         await self.probe_all()
         writer = self.writer_member()
         if writer is None:
@@ -393,8 +399,11 @@ class Cluster:
                     while self._pending:
                         item = self._pending.popleft()
                         self._pending_count -= _count(item)
+                        self._pending_bytes -= _nbytes(item)
                         await self._take(joiner, item)
                     self._ist_running = False
+                    self._pending_flushed.set()
+                    self._pending_flushed = trio.Event()
                 self._after_apply()
                 await trio.sleep_forever()
         finally:
@@ -431,10 +440,15 @@ class Cluster:
         while True:
             event = await receive.event()
             if isinstance(event, Segment | WriteSetBatch | WriteSet):
+                # memory stays bounded while an IST runs: past recv_queue_size, stop reading and let TCP push
+                # back on the writer (which drops a subscriber that stays stalled past its idle timeout)
+                while self._ist_running and self._pending_bytes > joiner.queue.max_bytes:
+                    await self._pending_flushed.wait()
                 async with self._take_lock:
                     if self._ist_running:
                         self._pending.append(event)
                         self._pending_count += _count(event)
+                        self._pending_bytes += _nbytes(event)
                     else:
                         await self._take(joiner, event)
                         self._after_apply()
@@ -499,6 +513,14 @@ class Cluster:
         if self.writer:
             return not self.group_server.active
         return not await self.probe_all()
+
+
+def _nbytes(event: Any) -> int:
+    if isinstance(event, Segment):
+        return len(event.blob)
+    if isinstance(event, WriteSetBatch):
+        return len(event.data)
+    return len(event.payload)
 
 
 def _count(event: Any) -> int:
