@@ -119,7 +119,8 @@ class Cluster:
         self.fc_stopped: set[int] = set()
         self._paused_since: float | None = None
         self._paused_total = 0.0
-        self.counters = {"wsrep_flow_control_sent": 0, "wsrep_flow_control_recv": 0}
+        self.counters = {"wsrep_flow_control_sent": 0, "wsrep_flow_control_recv": 0,
+                         "istd_flow_control_lag_pauses": 0}
         # follower side
         self.joiner: Joiner | None = None
         self.group_seqno = -1
@@ -130,6 +131,7 @@ class Cluster:
         self._ist_running = False
         self._take_lock = trio.Lock()
         self._fc_sent = False
+        self._synced_since_failure = False
         self._ctrl_send, self._ctrl_recv = trio.open_memory_channel[int](16)
         self.group_server = IstServer(node, label="Group")
         self.group_server.on_first_event = self._on_first_event
@@ -163,6 +165,18 @@ class Cluster:
     @property
     def paused(self) -> bool:
         return bool(self.fc_stopped)
+
+    def lagging(self) -> str | None:
+        """A subscription whose writer-side backlog (committed but not yet sent, e.g. over a slow link) is past
+        the upper flow-control limit: it counts like a long receive queue, as Galera's send window makes a slow
+        member slow the group instead of falling behind until IST or SST is its only way back."""
+        last = self.node.last_committed
+        limit = self.upper_limit()
+        for stats in self.group_server.active.values():
+            sent_upto = stats.first + stats.sent_writesets - 1
+            if last - sent_upto > limit:
+                return f"{stats.peer} is {last - sent_upto} write-sets behind"
+        return None
 
     def upper_limit(self) -> int:
         """Galera: fc_limit * sqrt(members); the lower limit is that times fc_factor."""
@@ -265,6 +279,10 @@ class Cluster:
                             writer=writer.api if writer else None)
         if self.paused:
             raise FlowControlPaused("replication is paused by flow control (a member fell behind); retry shortly")
+        behind = self.lagging()
+        if behind is not None:
+            self.counters["istd_flow_control_lag_pauses"] += 1
+            raise FlowControlPaused(f"replication is paused by flow control: {behind}; retry shortly")
         return await self.node.write(payloads)
 
     # ------------------------------------------------------------------------- talking to peers
@@ -342,7 +360,6 @@ class Cluster:
             while True:
                 try:
                     await self._follow_once(joiner)
-                    backoff = FIRST_BACKOFF_SECONDS
                 except Exception as exc:
                     err = unwrap(exc)
                     if isinstance(err, JoinFailed) and err.exit_code == 6:
@@ -352,6 +369,9 @@ class Cluster:
                     log.warning(f"Lost the cluster: {describe(err)}; rejoining in {backoff:.1f} s",
                                 error=describe(err), position=node.last_committed)
                 self._fc_sent = False
+                if self._synced_since_failure:  # it had rejoined: the next failure starts the backoff anew
+                    backoff = FIRST_BACKOFF_SECONDS
+                    self._synced_since_failure = False
                 if node.state is not NodeState.INCONSISTENT:
                     node.shift(NodeState.INITIALIZED)
                 await trio.sleep(backoff)
@@ -411,9 +431,7 @@ class Cluster:
 
     async def _request_ist(self, joiner: Joiner, local: int, group: int) -> None:
         node = self.node
-        log.info(f"State transfer required: \n\tGroup state: {node.uuid}:{group}\n\tLocal state: {node.uuid}:{local}",
-                 group_seqno=group, local_seqno=local)
-        donor = self.select_donor(local)
+        donor = self.select_donor(local)  # the joiner logs "State transfer required:" with the donor's answer
         want = ",".join(self.donor_names) or "*any*"
         await self.announce(f"Member {self.index(node.name)}.0 ({node.name}) requested state transfer from '{want}'. "
                             f"Selected {self.index(donor.name)}.0 ({donor.name})(SYNCED) as donor.")
@@ -491,6 +509,7 @@ class Cluster:
         if node.state in (NodeState.INITIALIZED, NodeState.JOINED) and queue <= lower:
             node.shift(NodeState.JOINED)
             node.shift(NodeState.SYNCED)
+            self._synced_since_failure = True
             log.info("Synchronized with group, ready for connections", seqno=node.last_committed)
         if node.state in (NodeState.JOINED, NodeState.SYNCED):
             if not self._fc_sent and queue > upper:

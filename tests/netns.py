@@ -10,6 +10,9 @@ test fails): processes started with ``popen`` are killed by PID, then any proces
 namespaces (e.g. a child of such a process) is killed by PID, then the namespaces are deleted, which destroys
 the veth pairs and the bridge with them.
 
+``NsDaemon`` (``donor``/``joiner``) runs istd's one-shot daemons on a host; ``NsNode`` (``cluster_nodes``,
+``start_cluster``) runs ``istd node``, one cluster member per host, on Galera's ports at the host's address.
+
 The tests skip (with the reason) when not root, when iproute2 is missing, or when the kernel refuses to create
 namespaces, veths or bridges.
 """
@@ -28,13 +31,13 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from .procs import DEADLINE_SECONDS, Daemon, istd_cmd
+from .procs import DEADLINE_SECONDS, Daemon, istd_cmd, log_events, run_istd, wait_until
 
 SUBNET = "10.213.0"  # private test subnet; it only exists inside the namespaces
 NETNS_DIR = Path("/run/netns")
@@ -128,9 +131,9 @@ class Network:
                     problems.append(f"pid {proc.pid} did not die")
         for name in reversed(self._created):
             problems += self._empty(name)
-            proc = _ip("netns", "del", name, check=False)
-            if proc.returncode != 0:
-                problems.append(f"ip netns del {name}: {proc.stderr.strip()}")
+            deleted = _ip("netns", "del", name, check=False)
+            if deleted.returncode != 0:
+                problems.append(f"ip netns del {name}: {deleted.stderr.strip()}")
         self._created.clear()
         if problems:
             raise AssertionError("network cleanup: " + "; ".join(problems))
@@ -277,3 +280,114 @@ def run_istd_on(net: Network, host: Host, *args: str,
                 timeout: float = DEADLINE_SECONDS) -> subprocess.CompletedProcess[str]:
     """A one-shot istd command (e.g. ``load``) inside ``host``; fails the test on a non-zero exit."""
     return net.run(host, istd_cmd(*args), timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------- `istd node` on hosts
+
+GROUP_PORT = 4567
+
+
+@dataclass
+class NsNode:
+    """One ``istd node`` (a cluster member) inside ``on``, on Galera's ports at the host's address.
+
+    ``options`` are its provider options (``--provider-options``); every start writes a new log file,
+    ``logs[-1]`` is the current one."""
+
+    net: Network
+    on: Host
+    name: str
+    datadir: Path
+    peers: str
+    args: tuple[str, ...] = ()
+    options: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def api(self) -> str:
+        return f"{self.on.addr}:{API_PORT}"
+
+    @property
+    def ist(self) -> str:
+        return f"{self.on.addr}:{IST_PORT}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.on.addr}:{GROUP_PORT}"
+
+    def start(self, *extra: str) -> NsNode:
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        log_path = self.datadir.parent / f"{self.name}.{len(self.logs)}.log"
+        self.logs.append(log_path)
+        options = ("--provider-options", self.options) if self.options else ()
+        cmd = istd_cmd("node", "--name", self.name, "--datadir", str(self.datadir), "--address", self.on.addr,
+                       "--peers", self.peers, *self.args, *options, *extra)
+        with open(log_path, "wb") as log:
+            self.proc = self.net.popen(self.on, cmd, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the node (by PID) and wait for it; its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.name} did not stop in {timeout} s:\n{self.log()}") from None
+
+    def status(self) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = self.net.get_json(self.on, f"http://{self.api}/status")
+        return result
+
+    def check_running(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
+
+    def wait_synced(self, last: int | None = None, timeout: float = DEADLINE_SECONDS) -> dict[str, Any]:
+        """Wait until the node is Synced (at ``last``, when given); its status."""
+        def ready() -> dict[str, Any] | None:
+            self.check_running()
+            st = self.status()
+            ok = st and st.get("wsrep_local_state_comment") == "Synced" and (
+                last is None or st.get("wsrep_last_committed") == last)
+            return st if ok else None
+
+        result: dict[str, Any] = wait_until(ready, f"{self.name} Synced at {last}", timeout)
+        return result
+
+    def log(self, index: int = -1) -> str:
+        try:
+            return self.logs[index].read_text(errors="replace")
+        except (IndexError, OSError):
+            return ""
+
+    def events(self, index: int = -1) -> list[dict[str, Any]]:
+        return log_events(self.log(index))
+
+
+def cluster_nodes(net: Network, root: Path, *args: str, options: str = "", writer: str = "node1") -> list[NsNode]:
+    """One node per host of ``net``, named node1..nodeN, each listing every host as a peer (Galera's
+    gcomm://...); node1 is the writer unless ``writer`` says otherwise."""
+    peers = ",".join(f"{h.addr}:{GROUP_PORT}" for h in net.hosts)
+    return [NsNode(net, h, f"node{i + 1}", root / f"node{i + 1}", peers, ("--writer", writer, *args), options)
+            for i, h in enumerate(net.hosts)]
+
+
+def start_cluster(nodes: Sequence[NsNode], timeout: float = DEADLINE_SECONDS) -> str:
+    """Bootstrap nodes[0]; the others start from the cluster's initial state (seqno 0), as a node present
+    when the history began does; wait until all are Synced. The cluster's uuid."""
+    first = nodes[0].start("--bootstrap")
+    first.wait_synced(timeout=timeout)
+    uuid = str(json.loads(run_istd("grastate", "show", str(first.datadir), "--json").stdout)["uuid"])
+    for n in nodes[1:]:
+        n.datadir.mkdir(parents=True, exist_ok=True)
+        run_istd("grastate", "set", str(n.datadir), "--uuid", uuid, "--seqno", "0", "--safe-to-bootstrap", "0")
+        n.start()
+    for n in nodes:
+        n.wait_synced(timeout=timeout)
+    return uuid
