@@ -183,7 +183,7 @@ def _register_optional() -> None:
 
     cli.add_command(cli_gcache.gcache)
     cli.add_command(demo.demo)
-    for cmd in (cli_daemon.donor, cli_daemon.joiner, cli_daemon.node, cli_daemon.state):
+    for cmd in (cli_daemon.donor, cli_daemon.joiner, cli_daemon.node, cli_daemon.state, cli_daemon.explain):
         cli.add_command(cmd)
     try:
         from istd.cli_client import load_cmd, status_cmd, write_cmd

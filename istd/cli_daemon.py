@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,80 @@ def node(datadir: Path, name: str, applier: str, provider_options: str, address:
                        bootstrap=bootstrap, address=address, group_port=group_port, peers=_peers(peers),
                        donor_names=tuple(n for n in donor_names.split(",") if n), writer=writer)
     return _run(cfg, "node")
+
+
+@click.command()
+@click.option("--datadir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the joiner's data directory (its position and its own gcache)")
+@click.option("--donor", "donors", multiple=True, type=HostPort(DEFAULT_IST_PORT),
+              help="a donor's IST address to ask for its numbers; repeat for several")
+@click.option("--uuid", "joiner_uuid", type=click.UUID, default=None, help="offline: the joiner's uuid")
+@click.option("--seqno", "joiner_seqno", type=int, default=None, help="offline: the joiner's seqno")
+@click.option("--joiner-cached-downto", type=int, default=-1, help="offline: the joiner's own cached_downto")
+@click.option("--donor-uuid", type=click.UUID, default=None, help="offline: the donor's uuid")
+@click.option("--donor-last", type=int, default=None, help="offline: the donor's last seqno")
+@click.option("--cached-downto", "donor_cached", type=int, default=None, help="offline: the donor's cached_downto")
+@click.option("--ist-only", is_flag=True, help="the joiner accepts IST only (no SST fallback)")
+def explain(datadir: Path | None, donors: tuple[tuple[str, int], ...], joiner_uuid: uuid.UUID | None,
+            joiner_seqno: int | None, joiner_cached_downto: int, donor_uuid: uuid.UUID | None,
+            donor_last: int | None, donor_cached: int | None, ist_only: bool) -> None:
+    """Say, for each donor, whether this node would get IST or SST, with every number and the rule.
+
+    Online: --datadir D --donor HOST:PORT ... asks each donor. Offline: give the numbers as options."""
+    from istd.explain import ask_donor, render
+    from istd.explain import explain as decide
+
+    if datadir is not None:
+        joiner_uuid, joiner_seqno, joiner_cached_downto = _joiner_numbers(datadir)
+    if joiner_uuid is None or joiner_seqno is None:
+        raise click.UsageError("give --datadir, or the joiner's numbers with --uuid and --seqno")
+    asked: list[tuple[str, dict[str, object]]] = []
+    for host, port in donors:
+        try:
+            asked.append((f"donor {host}:{port}", ask_donor(host, port)))
+        except OSError as exc:
+            click.echo(f"donor {host}:{port}: no answer ({exc}); is a donor listening there?", err=True)
+    if donor_uuid is not None or donor_last is not None or donor_cached is not None:
+        if donor_uuid is None or donor_last is None or donor_cached is None:
+            raise click.UsageError("offline mode needs --donor-uuid, --donor-last and --cached-downto together")
+        asked.append(("donor (given)", {"uuid": str(donor_uuid), "last_committed": donor_last,
+                                        "cached_downto": donor_cached}))
+    if not asked:
+        fail("no donor to explain against: give --donor HOST:PORT or the donor's numbers", exitcodes.UNREACHABLE)
+    for label, numbers in asked:
+        name = f"{label} ({numbers['name']})" if numbers.get("name") else label
+        verdict = decide(joiner_uuid=joiner_uuid, joiner_seqno=joiner_seqno,
+                         donor_uuid=uuid.UUID(str(numbers["uuid"])), donor_last=int(str(numbers["last_committed"])),
+                         donor_cached_downto=int(str(numbers["cached_downto"])),
+                         joiner_cached_downto=joiner_cached_downto, ist_only=ist_only)
+        click.echo(render(name, verdict))
+
+
+def _joiner_numbers(datadir: Path) -> tuple[uuid.UUID, int, int]:
+    """The joiner's position as its daemon would find it (grastate.dat, or the state database when it says
+    -1) and its own gcache's lowest seqno, read without locking or changing anything."""
+    from gcache import scan
+    from istd import grastate as gs
+    from istd.applier import STATE_DB_NAME, open_applier
+
+    try:
+        saved = gs.read(datadir) or gs.SavedState()
+        node_uuid, seqno = saved.uuid, saved.seqno
+        if seqno < 0 and (datadir / STATE_DB_NAME).exists():
+            store = open_applier("sqlite", datadir)
+            try:
+                recorded = store.position()
+            finally:
+                store.close()
+            if recorded is not None and node_uuid in (gs.ZERO_UUID, recorded[0]):
+                node_uuid, seqno = recorded
+        cached = -1
+        if (datadir / "galera.cache").exists():
+            report = scan(datadir / "galera.cache")
+            cached = report.seqno_min if report.gid == node_uuid else -1
+    except IstError as exc:
+        fail(exc)
+    return node_uuid, seqno, cached
 
 
 @click.group()

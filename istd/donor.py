@@ -18,6 +18,7 @@ Every connection runs in its own task with deadlines (handshake, idle peer) and 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from protocol import (
     RefusalReason,
     Role,
     Segment,
+    Status,
+    StatusRequest,
     TransferKind,
     WriteSetBatch,
     negotiate_version,
@@ -148,6 +151,12 @@ class IstServer:
 
     def status(self) -> dict[str, Any]:
         return {**self.counters, "istd_ist_active_transfers": len(self.active)}
+
+    def numbers(self) -> dict[str, Any]:
+        """What a donor tells `istd explain`: the numbers its IST decision uses."""
+        node = self.node
+        return {"name": node.name, "uuid": str(node.uuid), "last_committed": node.last_committed,
+                "cached_downto": node.gcache.seqno_min, "state": node.state.comment}
 
     def decide(self, hs: Handshake) -> HandshakeResponse:
         if self.decide_hook is not None:
@@ -257,6 +266,9 @@ class _Sender:
             hs = await self._next_event()
             hook = self.server.on_first_event
             if hook is not None and not isinstance(hs, Handshake) and await hook(self, hs):
+                return
+            if isinstance(hs, StatusRequest):  # `istd explain` asks a donor for its numbers
+                await self._send(Status(json.dumps({"member": self.server.numbers()}).encode()))
                 return
             if not isinstance(hs, Handshake):
                 raise ProtocolError(f"expected HANDSHAKE, got {type(hs).__name__}")
