@@ -36,7 +36,8 @@ class IstdCliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = exitcodes.INTERNAL) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a class variable; each error here carries its own documented code
+        setattr(self, "exit_code", exit_code)  # noqa: B010
 
     def show(self, file: Any = None) -> None:
         click.echo(f"istd: error: {self.format_message()}", err=True)
