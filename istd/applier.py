@@ -307,7 +307,7 @@ class SqliteApplier:
         """(position, digest) read in one transaction on a connection of its own: callable from any thread
         without waiting for (or holding up) the applying connection."""
         try:
-            conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
         except sqlite3.Error as exc:
             raise ApplyError(f"cannot open {self.path} to read: {exc}") from exc
         try:

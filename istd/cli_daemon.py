@@ -33,6 +33,8 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
         port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"{text!r}: an IPv6 address needs brackets, as in [::1]:4568")
     if not port_text:
         return host, default_port
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:

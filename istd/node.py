@@ -31,7 +31,7 @@ from istd import __version__
 from istd import grastate as gs
 from istd.applier import Applier, open_applier
 from istd.config import ProviderOptions
-from istd.errors import StateError
+from istd.errors import IstError, StateError
 from istd.states import NodeState
 from protocol import RecordType
 
@@ -294,7 +294,11 @@ class LocalNode:
             snapshot = getattr(self.applier, "snapshot_digest", None)
             if snapshot is None:
                 continue
-            position, digest = await trio.to_thread.run_sync(snapshot)
+            try:
+                position, digest = await trio.to_thread.run_sync(snapshot)
+            except IstError as exc:  # the status just goes without a digest; the node keeps running
+                log.warning(f"cannot compute the state digest: {exc}", error=str(exc))
+                continue
             if position is not None and position[0] == self.uuid:
                 self._digest, self._digest_seqno = digest, position[1]
 

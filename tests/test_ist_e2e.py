@@ -214,3 +214,37 @@ def test_status_shows_the_transfer_while_it_runs(tmp_path: Path) -> None:
         assert max(s["wsrep_local_recv_queue"] for s in receiving) > 0
         served = donor.status() or {}
         assert served["istd_ist_served"] == 1 and served["istd_ist_sent_writesets"] == 100_000
+
+
+def test_relative_datadir_and_digest_in_status(tmp_path: Path) -> None:
+    """A data directory given relative to the working directory works for the whole daemon's life."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .procs import free_port
+
+    port, api = free_port("127.0.0.1"), free_port("127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "istd", "donor", "--datadir", "rel", "--bootstrap", "--listen",
+                             f"127.0.0.1:{port}", "--api-listen", f"127.0.0.1:{api}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def status() -> dict | None:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{api}/status", timeout=5) as resp:
+                    result: dict = json.loads(resp.read())
+                    return result
+            except OSError:
+                return None
+
+        wait_until(status, "donor API")
+        run_istd("load", "--node", f"127.0.0.1:{api}", "--count", "10", "--size", "100")
+        st = wait_until(lambda: (s := status()) and s.get("istd_state_digest_seqno") == 10 and s, "digest at 10")
+        assert st["istd_state_digest"] == digest(tmp_path / "rel")[1]
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
