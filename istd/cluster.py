@@ -39,7 +39,7 @@ import trio
 from istd.donor import IstServer
 from istd.errors import IstError
 from istd.http import FlowControlPaused, NotWriter
-from istd.joiner import Joiner, JoinFailed, Refused, _Receiver
+from istd.joiner import EventReader, Joiner, JoinFailed, Refused
 from istd.node import LocalNode
 from istd.states import NodeState
 from istd.trioutil import PEER_ERRORS, describe, unwrap
@@ -355,8 +355,8 @@ class Cluster:
         self.joiner = joiner
         backoff = FIRST_BACKOFF_SECONDS
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(joiner._apply_loop, nursery.cancel_scope)
-            nursery.start_soon(joiner._progress_loop)
+            nursery.start_soon(joiner.apply_loop, nursery.cancel_scope)
+            nursery.start_soon(joiner.progress_loop)
             while True:
                 try:
                     await self._follow_once(joiner)
@@ -392,7 +392,7 @@ class Cluster:
             stream = await trio.open_tcp_stream(host, port)
         try:
             conn = IstConnection(Role.JOINER)
-            receive = _Receiver(stream, conn, node.options["ist.idle_timeout"])
+            receive = EventReader(stream, conn, node.options["ist.idle_timeout"])
             local = joiner.received_upto
             with trio.fail_after(node.options["ist.handshake_timeout"]):
                 await stream.send_all(conn.send(Handshake(
@@ -420,7 +420,7 @@ class Cluster:
                         item = self._pending.popleft()
                         self._pending_count -= _count(item)
                         self._pending_bytes -= _nbytes(item)
-                        await self._take(joiner, item)
+                        await self.take(joiner, item)
                     self._ist_running = False
                     self._pending_flushed.set()
                     self._pending_flushed = trio.Event()
@@ -441,7 +441,7 @@ class Cluster:
         joiner.target = None
         joiner.progress = None
         joiner.caught_up = trio.Event()
-        await joiner._connect_loop()
+        await joiner.catch_up()
         await self.announce(f"{self.index(node.name)}.0 ({node.name}): State transfer from "
                             f"{self.index(donor.name)}.0 ({donor.name}) complete.")
 
@@ -452,7 +452,7 @@ class Cluster:
         queued = self._pending_count
         log.info(f"Processing event queue:... 0.0% (0/{queued} events) complete.", done=0, total=queued)
 
-    async def _replicate(self, receive: _Receiver) -> None:
+    async def _replicate(self, receive: EventReader) -> None:
         joiner = self.joiner
         assert joiner is not None
         while True:
@@ -468,7 +468,7 @@ class Cluster:
                         self._pending_count += _count(event)
                         self._pending_bytes += _nbytes(event)
                     else:
-                        await self._take(joiner, event)
+                        await self.take(joiner, event)
                         self._after_apply()
             elif isinstance(event, Keepalive):
                 continue
@@ -480,13 +480,13 @@ class Cluster:
                 raise IstError(f"unexpected {event!r} on the replication connection")
 
     @staticmethod
-    async def _take(joiner: Joiner, event: Any) -> None:
+    async def take(joiner: Joiner, event: Any) -> None:
         if isinstance(event, Segment):
-            await joiner._take_segment(event)
+            await joiner.take_segment(event)
         elif isinstance(event, WriteSetBatch):
-            await joiner._take(event)
+            await joiner.take(event)
         else:
-            await joiner._take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
+            await joiner.take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
 
     async def _send_ctrl(self, stream: trio.SocketStream, conn: IstConnection) -> None:
         keepalive = self.node.options["ist.keepalive_period"]

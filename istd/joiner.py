@@ -220,10 +220,10 @@ class Joiner:
         """Returns an exit code (0: caught up). Raises JoinFailed for the other outcomes."""
         failure: JoinFailed | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._apply_loop, nursery.cancel_scope)
-            nursery.start_soon(self._progress_loop)
+            nursery.start_soon(self.apply_loop, nursery.cancel_scope)
+            nursery.start_soon(self.progress_loop)
             try:
-                await self._connect_loop()
+                await self.catch_up()
             except JoinFailed as exc:  # kept out of the nursery's exception group
                 failure = exc
             finally:
@@ -235,7 +235,7 @@ class Joiner:
                              exitcodes.LOCAL_STATE)
         return exitcodes.OK
 
-    async def _connect_loop(self) -> None:
+    async def catch_up(self) -> None:
         failed_rounds = 0
         backoff = FIRST_BACKOFF_SECONDS
         while True:
@@ -318,7 +318,7 @@ class Joiner:
     async def _converse(self, stream: trio.SocketStream, donor: str) -> None:
         node = self.node
         conn = IstConnection(Role.JOINER, max_frame_bytes=self.max_frame_bytes)
-        receive = _Receiver(stream, conn, self.idle_timeout)
+        receive = EventReader(stream, conn, self.idle_timeout)
         last_applied = self.received_upto
         with trio.fail_after(self.handshake_timeout):
             await stream.send_all(conn.send(Handshake(
@@ -359,15 +359,15 @@ class Joiner:
         if not self.follow:
             await self._wait_applied(self.target)
 
-    async def _receive_stream(self, receive: _Receiver, donor: str) -> None:
+    async def _receive_stream(self, receive: EventReader, donor: str) -> None:
         while True:
             event = await receive.event()
             if isinstance(event, Segment):
-                await self._take_segment(event)
+                await self.take_segment(event)
             elif isinstance(event, WriteSetBatch):
-                await self._take(event)
+                await self.take(event)
             elif isinstance(event, WriteSet):
-                await self._take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
+                await self.take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
             elif isinstance(event, Keepalive):
                 continue
             elif isinstance(event, Ctrl) and event.code == C_EOF:
@@ -380,11 +380,11 @@ class Joiner:
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during the stream")
 
-    async def _take(self, batch: WriteSetBatch) -> None:
+    async def take(self, batch: WriteSetBatch) -> None:
         self.node.store(batch.first, batch.types, batch.payloads())
         await self._received(Received(batch.first, len(batch), len(batch.data), batch=batch))
 
-    async def _take_segment(self, segment: Segment) -> None:
+    async def take_segment(self, segment: Segment) -> None:
         blob = memoryview(segment.blob)
         self.node.store_segment(segment.first, blob)
         await self._received(Received(segment.first, segment.count, len(blob), blob=blob))
@@ -406,7 +406,7 @@ class Joiner:
 
     # ------------------------------------------------------------------------------ apply side
 
-    async def _apply_loop(self, cancel_scope: trio.CancelScope) -> None:
+    async def apply_loop(self, cancel_scope: trio.CancelScope) -> None:
         node = self.node
         try:
             if node.applier_name == "none":  # the gcache is the whole state: nothing to apply
@@ -482,7 +482,7 @@ class Joiner:
         self._check_caught_up()
         await self.caught_up.wait()
 
-    async def _progress_loop(self) -> None:
+    async def progress_loop(self) -> None:
         while True:
             await trio.sleep(PROGRESS_INTERVAL_SECONDS)
             p = self.progress
@@ -563,7 +563,7 @@ class ApplyWorker:
         await self.proc.wait()
 
 
-class _Receiver:
+class EventReader:
     """Reads events from one connection with an idle deadline (PXC's IST watchdog, on both sides here)."""
 
     def __init__(self, stream: trio.SocketStream, conn: IstConnection, idle_timeout: float) -> None:
