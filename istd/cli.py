@@ -105,12 +105,13 @@ def config_show(provider_options: str, as_json: bool) -> None:
     options = load_options(provider_options)
     rows = options.rows()
     if as_json:
-        click.echo(json.dumps({k: {"value": v, "default": d, "source": s} for k, v, d, s in rows}, indent=2))
+        click.echo(json.dumps({k: {"value": v, "default": d, "source": s, "meaning": m}
+                               for k, v, d, s, m in rows}, indent=2))
         return
-    width = max(len(k) for k, *_ in rows)
-    click.echo(f"{'option':<{width}}  {'value':<10}  {'default':<10}  source")
-    for key, value, default, source in rows:
-        click.echo(f"{key:<{width}}  {value:<10}  {default:<10}  {source}")
+    header = ("option", "value", "default", "source", "meaning")
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(4)]
+    for row in (header, *rows):
+        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:4], widths, strict=True)) + f"  {row[4]}")
 
 
 # ------------------------------------------------------------------------------------------- grastate

@@ -120,9 +120,9 @@ class ProviderOptions:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
-    def rows(self) -> list[tuple[str, str, str, str]]:
-        """(key, effective, default, source) for `istd config show`."""
-        return [(k, self.raw[k], OPTIONS[k].default, self.sources[k]) for k in sorted(OPTIONS)]
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(key, effective, default, source, meaning) for `istd config show`."""
+        return [(k, self.raw[k], OPTIONS[k].default, self.sources[k], OPTIONS[k].help) for k in sorted(OPTIONS)]
 
 
 def parse_provider_options(text: str | None, *, origin: str = "--provider-options") -> dict[str, str]:
@@ -159,8 +159,3 @@ def resolve(*layers: tuple[str, str | None]) -> ProviderOptions:
             sources[key] = origin
     values = {k: OPTIONS[k].parse(v) for k, v in raw.items()}
     return ProviderOptions(values=values, raw=raw, sources=sources)
-
-
-def format_provider_options(options: ProviderOptions) -> str:
-    """The ``wsrep_provider_options`` one-liner Galera shows in SHOW VARIABLES."""
-    return "; ".join(f"{k} = {options.raw[k]}" for k in sorted(options.raw))

@@ -212,7 +212,6 @@ class _Sender:
         self.peer = peer
         self.conn = IstConnection(Role.DONOR, max_frame_bytes=server.max_frame_bytes)
         self.locked: int | None = None
-        self.last_heard = trio.current_time()
         self.eof_sent = False
         self.joiner_closed = trio.Event()
         self.watch_error: BaseException | None = None
@@ -224,7 +223,6 @@ class _Sender:
         while True:
             event = self.conn.next_event()
             if event is not NEED_DATA:
-                self.last_heard = trio.current_time()
                 return event
             data = await self.stream.receive_some(RECV_CHUNK_BYTES)
             self.conn.receive_data(data)

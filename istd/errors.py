@@ -20,9 +20,6 @@ these at the boundary with ``raise ... from exc``.
 # Ctrl codes are negative errno values on the wire, as in Galera (ist_proto.hpp).
 EPROTO = 71
 EINVAL = 22
-EPERM = 1
-ETIMEDOUT = 110
-ECONNABORTED = 103
 
 
 class IstError(Exception):

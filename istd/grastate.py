@@ -34,8 +34,6 @@ GRASTATE_NAME = "grastate.dat"
 LOCK_NAME = "istd.lock"
 ZERO_UUID = uuid.UUID(int=0)
 SEQNO_UNDEFINED = -1
-# Galera refuses to trust (and truncates) a state file larger than this (saved_state.cpp MAX_SIZE).
-MAX_GRASTATE_BYTES = 256
 GRASTATE_VERSION = "2.1"
 
 

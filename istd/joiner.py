@@ -147,7 +147,6 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     received_bytes: int = 0
-    last_logged: float = field(default_factory=time.monotonic)
 
     @property
     def total(self) -> int:

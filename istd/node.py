@@ -86,7 +86,6 @@ class LocalNode:
             "wsrep_replicated": 0,
             "wsrep_replicated_bytes": 0,
         }
-        self.extra_status: dict[str, Any] = {}
         self._lock = gs.DatadirLock(self.datadir)
         self._write_lock = trio.Lock()
         self._gcache: GCache | None = None
@@ -331,5 +330,4 @@ class LocalNode:
         if self._digest_seqno >= 0:
             status["istd_state_digest"] = self._digest
             status["istd_state_digest_seqno"] = self._digest_seqno
-        status.update(self.extra_status)
         return status

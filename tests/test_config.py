@@ -78,6 +78,9 @@ def test_config_show_cli_flag_and_env() -> None:
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     assert shown["gcache.size"]["value"] == "1G" and shown["gcache.size"]["default"] == "128M"
+    assert "ring buffer size" in shown["gcache.size"]["meaning"]
+    table = runner.invoke(cli, ["config", "show"]).output
+    assert "ist.recv_queue_size" in table and "memory does not grow with the gap" in table
     # the flag replaces the environment variable as a whole (click's precedence)
     assert shown["gcs.fc_limit"]["source"] == "default"
     result = runner.invoke(cli, ["config", "show", "--json"], env={"ISTD_PROVIDER_OPTIONS": "gcs.fc_limit=50"})
