@@ -1004,15 +1004,20 @@ class GCache:
         view = self._views[self._where[i]]
         return _new(Record, (seqno, _TYPE_OF[m], _SKIP_OF[m], view[p:p + self._len[i]]))
 
+    def _index_span(self, first: int, last: int) -> tuple[int, int]:
+        """Index positions [i0, i1) of seqnos first..last; SeqnoNotInCache unless all are cached."""
+        i0 = first - self._base
+        i1 = last - self._base + 1
+        if i0 < self._lo or i1 > len(self._pos) or self._closed:
+            raise SeqnoNotInCache(f"seqnos {first}-{last} not in cache ({self._range_text()})")
+        return i0, i1
+
     def get_range(self, first: int, last: int) -> list[Record]:
         """Write-sets ``first..last`` inclusive (empty list if ``last < first``), as zero-copy views into
         the mapping. SeqnoNotInCache if any of them is not cached."""
         if last < first:
             return []
-        i0 = first - self._base
-        i1 = last - self._base + 1
-        if i0 < self._lo or i1 > len(self._pos) or self._closed:
-            raise SeqnoNotInCache(f"seqnos {first}-{last} not in cache ({self._range_text()})")
+        i0, i1 = self._index_span(first, last)
         pos = self._pos[i0:i1]
         lens = self._len[i0:i1]
         meta = self._meta[i0:i1]
@@ -1038,10 +1043,7 @@ class GCache:
         raw run: its bounds come from the index, its breaks from a byte search over the index's flags."""
         if last < first:
             return []
-        i0 = first - self._base
-        i1 = last - self._base + 1
-        if i0 < self._lo or i1 > len(self._pos) or self._closed:
-            raise SeqnoNotInCache(f"seqnos {first}-{last} not in cache ({self._range_text()})")
+        i0, i1 = self._index_span(first, last)
         hi = self._meta[i0:i1].tobytes()[_META_HI::2]
         if not hi.translate(None, _HI_RAW):  # nothing in a page, skipped or foreign
             return self._raw_segments(i0, i1, hi, i0)
@@ -1150,6 +1152,18 @@ class GCache:
         """msync the ring and the pages to disk."""
         if not self._closed and not self._readonly:
             self._flush_all()
+
+    def abandon(self) -> None:
+        """Let go of the file the way a killed process does: unmap without writing the clean-close preamble
+        and without deleting the pages, so the next open() sees an unclean close. For crash tests and drills;
+        daemons call close()."""
+        for page in list(self._pages):
+            page.mv.release()
+            page.mm.close()
+        self._mv.release()
+        self._mm.close()
+        self._closed = True
+        self._mapped = False
 
     def close(self) -> None:
         """Write the clean-close preamble (seqno_min/max, offset, synced: 1), delete the pages (their

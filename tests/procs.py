@@ -51,6 +51,16 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = DEADLIN
         time.sleep(0.02)
 
 
+def http_status(api: str) -> dict[str, Any] | None:
+    """GET /status of the node whose API is at api (HOST:PORT); None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{api}/status", timeout=5) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+            return result
+    except OSError:
+        return None
+
+
 def log_events(text: str) -> list[dict[str, Any]]:
     events = []
     for line in text.splitlines():
@@ -92,12 +102,7 @@ class Daemon:
         return f"{self.host}:{self.ist_port}"
 
     def status(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"http://{self.api}/status", timeout=5) as resp:
-                result: dict[str, Any] = json.loads(resp.read())
-                return result
-        except OSError:
-            return None
+        return http_status(self.api)
 
     def wait_synced(self, timeout: float = DEADLINE_SECONDS) -> dict[str, Any]:
         def synced() -> dict[str, Any] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .procs import digest, free_port, istd_cmd, log_events, run_istd, wait_until
+from .procs import digest, free_port, http_status, istd_cmd, log_events, run_istd, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +50,7 @@ class Node:
         return self.proc.wait(timeout=30)
 
     def status(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"http://{self.api}/status", timeout=5) as resp:
-                result: dict[str, Any] = json.loads(resp.read())
-                return result
-        except OSError:
-            return None
+        return http_status(self.api)
 
     def wait_synced(self, last: int | None = None) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:

@@ -31,15 +31,6 @@ def data_for(seqno: int, n: int, salt: int) -> bytes:
     return bytes((seqno * 31 + salt + k) % 256 for k in range(n))
 
 
-def crash(gc: GCache) -> None:
-    for page in list(gc._pages):
-        page.mv.release()
-        page.mm.close()
-    gc._mv.release()
-    gc._mm.close()
-    gc._closed = True
-    gc._mapped = False
-
 
 class GcacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
@@ -60,7 +51,7 @@ class GcacheMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         if not self.gc.closed:
-            crash(self.gc)
+            self.gc.abandon()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ writes
@@ -182,7 +173,7 @@ class GcacheMachine(RuleBasedStateMachine):
     def reopen_after_crash(self) -> None:
         before = (self.gc.seqno_min, self.gc.seqno_max)
         had_pages = self.gc.statistics()["pages_created"] > 0
-        crash(self.gc)
+        self.gc.abandon()
         self.gc = self._open()
         self._after_reopen(before, had_pages)
 

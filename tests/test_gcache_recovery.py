@@ -33,16 +33,6 @@ def payload(seqno: int, n: int | None = None) -> bytes:
     return bytes((seqno * 7 + k) % 256 for k in range(n))
 
 
-def crash(gc: GCache) -> None:
-    """Drop the cache like a killed process would: no preamble, no page deletion."""
-    for page in list(gc._pages):
-        page.mv.release()
-        page.mm.close()
-    gc._mv.release()
-    gc._mm.close()
-    gc._closed = True
-    gc._mapped = False
-
 
 def build(path: Path, last: int, size: int = RING, **kw: object) -> dict[int, bytes]:
     """Append 1..last into a fresh cache, crash it, and return what it held."""
@@ -51,7 +41,7 @@ def build(path: Path, last: int, size: int = RING, **kw: object) -> dict[int, by
     for s in range(1, last + 1):
         gc.append(payload(s), CCHANGE if s % 5 == 0 else 0)
     held = contents(gc)
-    crash(gc)
+    gc.abandon()
     return held
 
 
@@ -120,7 +110,7 @@ def test_crash_then_keep_writing(tmp_path: Path) -> None:
     for s in range(21, 50):
         gc.append(payload(s))
     held = contents(gc)
-    crash(gc)
+    gc.abandon()
     assert reopen(path) == held
     assert max(held) == 49
 
@@ -147,7 +137,7 @@ def test_nil_gid_skips_recovery(tmp_path: Path, caplog: pytest.LogCaptureFixture
     path = tmp_path / "galera.cache"
     gc = GCache.open(path, size=RING)
     gc.append(b"written before any reset()")
-    crash(gc)
+    gc.abandon()
     caplog.set_level(logging.INFO, "istd.gcache")
     assert reopen(path) == {}
     assert "Skipped GCache ring buffer recovery: could not determine history UUID." in messages(caplog)
@@ -304,7 +294,7 @@ def test_dropped_tail_never_comes_back(tmp_path: Path) -> None:
     gc.append_many([payload(k) for k in range(1, 11)])
     gc.reset(GID, 4)  # e.g. grastate says 4: 5..10 are not part of the history
     gc.append(b"new 5")
-    crash(gc)
+    gc.abandon()
     got = reopen(path, size=4096)
     assert got == {**{k: payload(k) for k in range(1, 5)}, 5: b"new 5"}
 
@@ -317,7 +307,7 @@ def test_history_reset_to_older_gid_and_back(tmp_path: Path) -> None:
     gc.reset(OTHER, 0)
     gc.append(b"other 1")
     gc.reset(GID, 2)  # back to the first history, at an older position
-    crash(gc)
+    gc.abandon()
     assert reopen(path, size=4096) == {}
 
 

@@ -51,16 +51,6 @@ def new_cache(d: Path, size: int, gid: uuid.UUID = GID, **kw: object) -> GCache:
     return gc
 
 
-def crash(gc: GCache) -> None:
-    """Drop the cache like a killed process would: no preamble, no page deletion."""
-    for page in list(gc._pages):
-        page.mv.release()
-        page.mm.close()
-    gc._mv.release()
-    gc._mm.close()
-    gc._closed = True
-    gc._mapped = False
-
 
 def contents(gc: GCache) -> Model:
     if gc.seqno_min < 0:
@@ -224,7 +214,7 @@ def foreign_header(seqno: int, body: bytes) -> bytes:
 
 def test_records_written_by_galera_go_as_records(tmp_path: Path) -> None:
     a = new_cache(tmp_path / "a", 16 * REC)
-    crash(a)
+    a.abandon()
     path = tmp_path / "a" / "galera.cache"
     raw = b"".join(foreign_header(s, payload(s, 64)) for s in (1, 2, 3))
     with open(path, "r+b") as f:
@@ -290,7 +280,7 @@ def test_round_trip(tmp_path: Path, b_ring: int) -> None:
     b = open_cache(tmp_path / "b", b_ring)
     assert contents(b) == held  # clean reopen: the imported records walk and validate
     check_segments(b, b.export_segments(b.seqno_min, b.seqno_max), b.seqno_min, b.seqno_max)
-    crash(b)
+    b.abandon()
     b = open_cache(tmp_path / "b", b_ring)
     assert contents(b) == held  # unclean reopen: the scan validates their crcs (same GID)
     a.append_many([payload(s) for s in range(s, s + 3)])
@@ -358,7 +348,7 @@ def test_import_of_a_skipped_record(tmp_path: Path) -> None:
     assert b.import_segment(1, raw) == (2, [103, 103])
     assert contents(b) == {1: (0, False, payload(1)), 2: (CCHANGE, True, payload(2))}
     assert kinds(b.export_segments(1, 2)) == [("raw", 1, 1), ("records", 2, 2)]
-    crash(b)
+    b.abandon()
     b = open_cache(tmp_path / "b", 8 * REC)
     assert contents(b) == {1: (0, False, payload(1)), 2: (CCHANGE, True, payload(2))}
 
@@ -394,7 +384,7 @@ def test_recovery_under_another_gid_discards_imported_records(tmp_path: Path, sy
     b = new_cache(tmp_path / "b", 16 * REC)
     transfer(a, b)
     offset = b._pos[0] - 24
-    crash(b)
+    b.abandon()
     with open(tmp_path / "b" / "galera.cache", "r+b") as f:
         f.write(fmt.format_preamble(GID2, synced, 1, 5, offset))
     b = open_cache(tmp_path / "b", 16 * REC)
@@ -411,7 +401,7 @@ def test_import_does_not_check_payload_crcs_but_recovery_does(tmp_path: Path) ->
     b = new_cache(tmp_path / "b", 16 * REC)
     b.import_segment(1, raw)
     assert b.seqno_max == 5
-    crash(b)
+    b.abandon()
     b = open_cache(tmp_path / "b", 16 * REC)
     assert b.seqno_max == 5 and b.seqno_min == 5  # recovery keeps the highest gapless run of valid ones
 
@@ -599,7 +589,7 @@ class SegmentsMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for gc in (self.a, self.b):
             if not gc.closed:
-                crash(gc)
+                gc.abandon()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _data(self, seqno: int, n: int) -> bytes:
@@ -675,7 +665,7 @@ class SegmentsMachine(RuleBasedStateMachine):
         if clean:
             gc.close()
         else:
-            crash(gc)
+            gc.abandon()
         gc = open_cache(d, RING_A if which == "a" else RING_B, page_size=1024)
         setattr(self, f"locks_{which}", [])
         return gc

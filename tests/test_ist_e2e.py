@@ -218,12 +218,10 @@ def test_status_shows_the_transfer_while_it_runs(tmp_path: Path) -> None:
 
 def test_relative_datadir_and_digest_in_status(tmp_path: Path) -> None:
     """A data directory given relative to the working directory works for the whole daemon's life."""
-    import json
     import subprocess
     import sys
-    import urllib.request
 
-    from .procs import free_port
+    from .procs import free_port, http_status
 
     port, api = free_port("127.0.0.1"), free_port("127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "istd", "donor", "--datadir", "rel", "--bootstrap", "--listen",
@@ -232,12 +230,7 @@ def test_relative_datadir_and_digest_in_status(tmp_path: Path) -> None:
     try:
         def status() -> dict | None:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{api}/status", timeout=5) as resp:
-                    result: dict = json.loads(resp.read())
-                    return result
-            except OSError:
-                return None
+            return http_status(f"127.0.0.1:{api}")
 
         wait_until(status, "donor API")
         run_istd("load", "--node", f"127.0.0.1:{api}", "--count", "10", "--size", "100")
