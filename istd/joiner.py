@@ -380,7 +380,7 @@ class Joiner:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during the stream")
 
     async def take(self, batch: WriteSetBatch) -> None:
-        self.node.store(batch.first, batch.types, batch.payloads())
+        self.node.store(batch.first, batch.types, batch.payloads(), len(batch.data))
         await self._received(Received(batch.first, len(batch), len(batch.data), batch=batch))
 
     async def take_segment(self, segment: Segment) -> None:

@@ -246,7 +246,7 @@ class LocalNode:
 
     # ------------------------------------------------------------------------------- data paths
 
-    def store(self, first: int, types: bytes, payloads: Sequence[bytes | memoryview]) -> None:
+    def store(self, first: int, types: bytes, payloads: Sequence[bytes | memoryview], nbytes: int) -> None:
         """Append received write-sets to this node's own gcache (so it can serve IST later)."""
         gtypes = types.translate(TO_GCACHE_TYPES)
         if RecordType.SKIP in types:
@@ -255,7 +255,7 @@ class LocalNode:
         else:
             self.gcache.append_many(payloads, gtypes, first=first)
         self.counters["wsrep_received"] += len(payloads)
-        self.counters["wsrep_received_bytes"] += sum(len(p) for p in payloads)
+        self.counters["wsrep_received_bytes"] += nbytes
 
     def store_segment(self, first: int, blob: memoryview) -> None:
         """Store a run of records received in gcache's on-disk form (same history: one copy, no re-encoding)."""
