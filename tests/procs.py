@@ -7,6 +7,7 @@ deadline; every process started is stopped by PID at the end.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -57,7 +58,7 @@ def http_status(api: str) -> dict[str, Any] | None:
         with urllib.request.urlopen(f"http://{api}/status", timeout=5) as resp:
             result: dict[str, Any] = json.loads(resp.read())
             return result
-    except OSError:
+    except (OSError, http.client.HTTPException, ValueError):  # down, starting, or exiting mid-answer
         return None
 
 
