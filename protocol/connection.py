@@ -25,6 +25,14 @@ Cluster mode (the writer's group port 4567) uses the same frames and table::
     STATUS_REQUEST ---------------------------->  (instead of HANDSHAKE; payload opaque, e.g. JSON)
                    <----------------------------  STATUS     then DONE: both sides close
 
+State snapshot transfer (the donor's SST port, 4444) uses the same frames and table::
+
+    SST_REQUEST    ---------------------------->  (instead of HANDSHAKE: name, auth)
+                   <----------------------------  SST_BEGIN  uuid:seqno of the snapshot, total bytes, format
+                   <----------------------------  SST_CHUNK  ... (raw bytes, total_bytes in all)
+                   <----------------------------  SST_END    sha256 of all the bytes; then DONE
+                   (or SST_REFUSED with a message instead of SST_BEGIN)
+
 The conversation has ONE state, seen identically by both ends, because the messages strictly
 alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, keyed by
 (state, sender role, event kind)::
@@ -40,8 +48,13 @@ alternate until the stream starts. ``TRANSITIONS`` is the whole state machine, k
     DONE       --joiner CTRL(FC_STOP/FC_CONT)--> DONE       (may cross the EOF; same condition)
     HANDSHAKE  --joiner STATUS_REQUEST-->      STATUS
     STATUS     --donor STATUS-->               DONE
+    HANDSHAKE  --joiner SST_REQUEST-->         SST_WAIT
+    SST_WAIT   --donor SST_BEGIN-->            SST_STREAMING
+    SST_WAIT   --donor SST_REFUSED-->          REFUSED
+    SST_STREAMING --donor SST_CHUNK-->         SST_STREAMING  (total_bytes in all, not more)
+    SST_STREAMING --donor SST_END-->           DONE           (only after exactly total_bytes)
     any state  --either CTRL(-errno)-->        FAILED
-    RESPONSE, OK, STREAMING, DONE, REFUSED, STATUS --either KEEPALIVE--> unchanged
+    RESPONSE, OK, STREAMING, DONE, REFUSED, STATUS, SST_WAIT, SST_STREAMING --either KEEPALIVE--> unchanged
 
 ``send()`` checks the table for our role and raises LocalProtocolError; ``next_event()`` checks it
 for the peer's role and raises RemoteProtocolError. Checks that need more than the table
@@ -79,6 +92,11 @@ from protocol.events import (
     Keepalive,
     RecordType,
     Segment,
+    SstBegin,
+    SstChunk,
+    SstEnd,
+    SstRefused,
+    SstRequest,
     Status,
     StatusRequest,
     TransferKind,
@@ -95,6 +113,7 @@ from protocol.wire import (
     MAX_HANDSHAKE_BYTES,
     MAX_STATUS_BYTES,
     SEQNO_NONE,
+    SHA256_BYTES,
     SUPPORTED_VERSIONS,
     U32_MAX,
     FrameHeader,
@@ -103,10 +122,12 @@ from protocol.wire import (
     decode_handshake,
     decode_response,
     decode_segment,
+    decode_sst,
     encode_batch,
     encode_handshake,
     encode_response,
     encode_segment,
+    encode_sst,
     pack_header,
     unpack_header,
 )
@@ -136,6 +157,8 @@ class State(enum.Enum):
     REFUSED = "REFUSED"  # the donor refused
     FAILED = "FAILED"  # a negative CTRL went one way or the other
     STATUS = "STATUS"  # STATUS_REQUEST seen; waiting for the donor's STATUS
+    SST_WAIT = "SST_WAIT"  # SST_REQUEST seen; waiting for SST_BEGIN or SST_REFUSED
+    SST_STREAMING = "SST_STREAMING"  # the donor sends SST_CHUNKs, then SST_END
 
 
 class Kind(enum.Enum):
@@ -154,6 +177,11 @@ class Kind(enum.Enum):
     CTRL_FC_CONT = "CTRL(FC_CONT)"
     STATUS_REQUEST = "STATUS_REQUEST"
     STATUS = "STATUS"
+    SST_REQUEST = "SST_REQUEST"
+    SST_BEGIN = "SST_BEGIN"
+    SST_CHUNK = "SST_CHUNK"
+    SST_END = "SST_END"
+    SST_REFUSED = "SST_REFUSED"
 
 
 class _Sentinel(enum.Enum):
@@ -186,10 +214,17 @@ TRANSITIONS: dict[tuple[State, Role, Kind], State] = {
     # Status exchange (cluster mode): one request instead of the HANDSHAKE, one answer, done.
     (State.HANDSHAKE, _J, Kind.STATUS_REQUEST): State.STATUS,
     (State.STATUS, _D, Kind.STATUS): State.DONE,
+    # SST (the donor's SST port): one request, then a snapshot (begin, chunks, end) or a refusal.
+    (State.HANDSHAKE, _J, Kind.SST_REQUEST): State.SST_WAIT,
+    (State.SST_WAIT, _D, Kind.SST_BEGIN): State.SST_STREAMING,
+    (State.SST_WAIT, _D, Kind.SST_REFUSED): State.REFUSED,
+    (State.SST_STREAMING, _D, Kind.SST_CHUNK): State.SST_STREAMING,  # at most total_bytes in all
+    (State.SST_STREAMING, _D, Kind.SST_END): State.DONE,  # only after exactly total_bytes
     # Keepalives: after the first message, either way, even in DONE/REFUSED (one may cross the EOF).
     **{
         (state, role, Kind.KEEPALIVE): state
-        for state in (State.RESPONSE, State.OK, State.STREAMING, State.DONE, State.REFUSED, State.STATUS)
+        for state in (State.RESPONSE, State.OK, State.STREAMING, State.DONE, State.REFUSED, State.STATUS,
+                      State.SST_WAIT, State.SST_STREAMING)
         for role in Role
     },
     # Errors: from anywhere, either way (two errors may cross; an error may cross the EOF).
@@ -206,7 +241,16 @@ _KIND_OF_FRAME = {
     FrameType.KEEPALIVE: Kind.KEEPALIVE,
     FrameType.STATUS_REQUEST: Kind.STATUS_REQUEST,
     FrameType.STATUS: Kind.STATUS,
+    FrameType.SST_REQUEST: Kind.SST_REQUEST,
+    FrameType.SST_BEGIN: Kind.SST_BEGIN,
+    FrameType.SST_CHUNK: Kind.SST_CHUNK,
+    FrameType.SST_END: Kind.SST_END,
+    FrameType.SST_REFUSED: Kind.SST_REFUSED,
 }
+_SST_KINDS = {SstRequest: Kind.SST_REQUEST, SstBegin: Kind.SST_BEGIN, SstChunk: Kind.SST_CHUNK, SstEnd: Kind.SST_END,
+              SstRefused: Kind.SST_REFUSED}
+_SST_FRAMES = {kind: ftype for ftype, kind in _KIND_OF_FRAME.items() if kind in _SST_KINDS.values()}
+_SST_FRAME_TYPES = frozenset(_SST_FRAMES.values()) - {FrameType.SST_CHUNK}
 _CTRL_KINDS = {C_OK: Kind.CTRL_OK, C_EOF: Kind.CTRL_EOF, C_FC_STOP: Kind.CTRL_FC_STOP, C_FC_CONT: Kind.CTRL_FC_CONT}
 _FC_KINDS = frozenset({Kind.CTRL_FC_STOP, Kind.CTRL_FC_CONT})
 # Frames read before anything is negotiated: they always carry HANDSHAKE_VERSION and have a small
@@ -216,6 +260,10 @@ _PRE_NEGOTIATION_LIMITS = {
     FrameType.HANDSHAKE_RESPONSE: MAX_HANDSHAKE_BYTES,
     FrameType.STATUS_REQUEST: MAX_STATUS_BYTES,
     FrameType.STATUS: MAX_STATUS_BYTES,
+    FrameType.SST_REQUEST: MAX_HANDSHAKE_BYTES,
+    FrameType.SST_BEGIN: MAX_HANDSHAKE_BYTES,
+    FrameType.SST_END: MAX_HANDSHAKE_BYTES,
+    FrameType.SST_REFUSED: MAX_HANDSHAKE_BYTES,
 }
 _EMPTY_FRAMES = frozenset({FrameType.CTRL, FrameType.KEEPALIVE, FrameType.SKIP})
 _RECORD_FRAMES = frozenset(
@@ -254,6 +302,9 @@ class Connection:
         self.granted: HandshakeResponse | None = None
         self.status_request: StatusRequest | None = None  # status conversations (cluster mode)
         self.status: Status | None = None
+        self.sst_request: SstRequest | None = None  # SST conversations (the donor's SST port)
+        self.sst_begin: SstBegin | None = None
+        self.sst_bytes = 0  # snapshot bytes sent (donor) or received (joiner) so far
         self.version: int | None = None  # negotiated protocol version, once granted
         # Last write-set seqno sent (donor) or received (joiner); granted.first - 1 until the first.
         self.last_seqno: int | None = None
@@ -322,7 +373,13 @@ class Connection:
             header = pack_header(version, FrameType.SEGMENT, 0, 0, length, event.first, crc)
             return b"".join((header, count, blob))
         ctrl, seqno, payload = 0, SEQNO_NONE, b""
-        if isinstance(event, Handshake | HandshakeResponse):
+        if isinstance(event, SstChunk):
+            ftype, payload = FrameType.SST_CHUNK, event.data  # type: ignore[assignment]
+            self._check_send_length(memoryview(payload).nbytes, self.max_frame_bytes)
+        elif isinstance(event, SstRequest | SstBegin | SstEnd | SstRefused):
+            ftype, payload = _SST_FRAMES[_SST_KINDS[type(event)]], encode_sst(event)
+            self._check_send_length(len(payload), min(self.max_frame_bytes, MAX_HANDSHAKE_BYTES))
+        elif isinstance(event, Handshake | HandshakeResponse):
             if isinstance(event, Handshake):
                 ftype, payload = FrameType.HANDSHAKE, encode_handshake(event)
             else:
@@ -466,6 +523,8 @@ class Connection:
             self._check_segments(RemoteProtocolError)
         if ftype in _RECORD_FRAMES:
             self._check_records(h.seqno, 1, RemoteProtocolError)
+        if ftype is FrameType.SST_CHUNK:
+            self._check_sst_bytes(h.len, RemoteProtocolError)
 
     @staticmethod
     def _decode(ftype: FrameType, h: FrameHeader, payload: bytes) -> Event:
@@ -483,6 +542,10 @@ class Connection:
             return StatusRequest(payload)
         if ftype is FrameType.STATUS:
             return Status(payload)
+        if ftype is FrameType.SST_CHUNK:
+            return SstChunk(payload)
+        if ftype in _SST_FRAME_TYPES:
+            return decode_sst(ftype, payload)
         if ftype is FrameType.HANDSHAKE:
             return decode_handshake(payload)
         return decode_response(payload)
@@ -521,6 +584,18 @@ class Connection:
                 raise exc(f"{kind.value} payload must be contiguous")
         elif kind in _FC_KINDS:
             self._check_flow_control(kind, exc)
+        elif isinstance(event, SstChunk):
+            try:
+                nbytes = memoryview(event.data).nbytes
+            except TypeError as err:
+                raise exc(f"SST_CHUNK data must be bytes-like: {err}") from err
+            self._check_sst_bytes(nbytes, exc)
+        elif isinstance(event, SstEnd):
+            assert self.sst_begin is not None  # SST_STREAMING implies it
+            if self.sst_bytes != self.sst_begin.total_bytes:
+                raise exc(f"SST ended after {self.sst_bytes} of {self.sst_begin.total_bytes} bytes")
+            if not isinstance(event.sha256, bytes | bytearray) or len(event.sha256) != SHA256_BYTES:
+                raise exc(f"SST_END must carry a {SHA256_BYTES}-byte sha256")
         elif kind is Kind.CTRL_EOF:
             assert self.granted is not None and self.last_seqno is not None  # STREAMING implies both
             if self.last_seqno < self.granted.last:
@@ -547,6 +622,12 @@ class Connection:
             self.status_request = event
         elif isinstance(event, Status):
             self.status = event
+        elif isinstance(event, SstRequest):
+            self.sst_request = event
+        elif isinstance(event, SstBegin):
+            self.sst_begin = event
+        elif isinstance(event, SstChunk):
+            self.sst_bytes += memoryview(event.data).nbytes
         elif kind is Kind.CTRL_ERROR and sender is self.role:
             self._discarding = True
         self._state = new_state
@@ -572,6 +653,9 @@ class Connection:
             return Kind.STATUS_REQUEST
         if isinstance(event, Status):
             return Kind.STATUS
+        sst_kind = _SST_KINDS.get(type(event))
+        if sst_kind is not None:
+            return sst_kind
         raise exc(f"{type(event).__name__} is not an event that can be sent")
 
     def _check_response(self, resp: HandshakeResponse, exc: type[ProtocolError]) -> None:
@@ -603,6 +687,14 @@ class Connection:
             raise exc(f"donor granted IST from seqno {resp.first}, joiner asked from {hs.first}")
         if hs.last != SEQNO_NONE and resp.last > hs.last:
             raise exc(f"donor granted IST up to seqno {resp.last}, joiner asked up to {hs.last}")
+
+    def _check_sst_bytes(self, nbytes: int, exc: type[ProtocolError]) -> None:
+        """Snapshot bytes may not run past the size SST_BEGIN announced."""
+        begin = self.sst_begin
+        assert begin is not None  # SST_STREAMING implies it
+        if self.sst_bytes + nbytes > begin.total_bytes:
+            raise exc(f"SST_CHUNK runs past the snapshot's {begin.total_bytes} bytes "
+                      f"({self.sst_bytes} + {nbytes})")
 
     def _check_segments(self, exc: type[ProtocolError]) -> None:
         """SEGMENT frames are negotiated: the joiner's HANDSHAKE must have asked for them."""

@@ -33,6 +33,11 @@ __all__ = [
     "RecordType",
     "RefusalReason",
     "Segment",
+    "SstBegin",
+    "SstChunk",
+    "SstEnd",
+    "SstRefused",
+    "SstRequest",
     "Status",
     "StatusRequest",
     "TransferKind",
@@ -185,6 +190,53 @@ class Status:
 
 
 @dataclass(frozen=True, slots=True)
+class SstRequest:
+    """Joiner -> donor, on the SST port instead of a Handshake: "send me a full snapshot of your state"."""
+
+    node_name: str
+    auth: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SstBegin:
+    """Donor -> joiner: a snapshot of the state at ``cluster_uuid:seqno`` follows, ``total_bytes`` long.
+
+    ``format`` names what the bytes are (istd: ``sqlite``, a database file); opaque to the protocol."""
+
+    cluster_uuid: uuid.UUID
+    seqno: int
+    total_bytes: int
+    format: str = "sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class SstChunk:
+    """Donor -> joiner: the next bytes of the snapshot (the frame's CRC covers them)."""
+
+    data: bytes | memoryview
+
+    def __repr__(self) -> str:
+        try:
+            return f"SstChunk(bytes={memoryview(self.data).nbytes})"
+        except TypeError:
+            return f"SstChunk(data={type(self.data).__name__})"
+
+
+@dataclass(frozen=True, slots=True)
+class SstEnd:
+    """Donor -> joiner: the snapshot is complete; ``sha256`` is the digest of all its bytes."""
+
+    sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SstRefused:
+    """Donor -> joiner: no snapshot, and why (one line for the operator)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Keepalive:
     """Sent by either side at any time after the HANDSHAKE to keep the link (and timers) alive."""
 
@@ -302,4 +354,9 @@ Event = (
     | ConnectionClosed
     | StatusRequest
     | Status
+    | SstRequest
+    | SstBegin
+    | SstChunk
+    | SstEnd
+    | SstRefused
 )

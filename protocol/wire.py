@@ -48,6 +48,10 @@ from protocol.events import (
     RecordType,
     RefusalReason,
     Segment,
+    SstBegin,
+    SstEnd,
+    SstRefused,
+    SstRequest,
     TransferKind,
     WriteSetBatch,
 )
@@ -101,6 +105,11 @@ class FrameType(enum.IntEnum):
     SEGMENT = 9  # only if the joiner's HANDSHAKE set REQUEST_SEGMENTS
     STATUS_REQUEST = 10  # client -> server instead of a HANDSHAKE (cluster mode)
     STATUS = 11  # server -> client, the answer; then the conversation is done
+    SST_REQUEST = 12  # joiner -> donor on the SST port, instead of a HANDSHAKE
+    SST_BEGIN = 13  # donor -> joiner: position and size of the snapshot that follows
+    SST_CHUNK = 14  # donor -> joiner: snapshot bytes
+    SST_END = 15  # donor -> joiner: sha256 of the whole snapshot; then the conversation is done
+    SST_REFUSED = 16  # donor -> joiner: no snapshot, and why
 
 
 MAGIC = b"ISTD"
@@ -190,6 +199,32 @@ SegmentSchema = Struct(
 # length bounds them (MAX_STATUS_BYTES); there is nothing else to check, so no fast codec either.
 StatusSchema = Struct(
     "payload" / GreedyBytes,
+    Terminated,
+)
+
+# SST conversation (the donor's SST port, 4444). SST_CHUNK payloads are the snapshot's raw bytes.
+SST_FORMAT_BYTES = 255
+SHA256_BYTES = 32
+SstRequestSchema = Struct(
+    "magic" / Const(MAGIC),
+    "node_name" / PascalString(Int8ul, "utf8"),
+    "auth" / Prefixed(Int16ul, GreedyBytes),
+    Terminated,
+)
+SstBeginSchema = Struct(
+    "magic" / Const(MAGIC),
+    "cluster_uuid" / Bytes(16),
+    "seqno" / Int64sl,  # the snapshot's position: it contains write-sets up to and including this one
+    "total_bytes" / Int64sl,  # >= 0
+    "format" / PascalString(Int8ul, "utf8"),  # istd: "sqlite"
+    Terminated,
+)
+SstEndSchema = Struct(
+    "sha256" / Bytes(SHA256_BYTES),
+    Terminated,
+)
+SstRefusedSchema = Struct(
+    "message" / PascalString(Int16ul, "utf8"),
     Terminated,
 )
 
@@ -520,6 +555,46 @@ def decode_response(payload: bytes) -> HandshakeResponse:
     return resp
 
 
+# --- SST payloads (construct, interpreted: one frame each per transfer, except SST_CHUNK) ---------
+
+
+def encode_sst(event: SstRequest | SstBegin | SstEnd | SstRefused) -> bytes:
+    """Raises LocalProtocolError if a field does not fit."""
+    if isinstance(event, SstRequest):
+        return _build(SstRequestSchema, dict(node_name=event.node_name, auth=bytes(event.auth)))
+    if isinstance(event, SstBegin):
+        validate_sst_begin(event, LocalProtocolError)
+        return _build(SstBeginSchema, dict(cluster_uuid=event.cluster_uuid.bytes, seqno=event.seqno,
+                                           total_bytes=event.total_bytes, format=event.format))
+    if isinstance(event, SstEnd):
+        return _build(SstEndSchema, dict(sha256=bytes(event.sha256)))
+    return _build(SstRefusedSchema, dict(message=event.message))
+
+
+def validate_sst_begin(begin: SstBegin, exc: type[ProtocolError]) -> None:
+    _check(isinstance(begin.cluster_uuid, uuid.UUID), exc, "SstBegin.cluster_uuid must be a uuid.UUID")
+    _check_seqnos(begin, ("seqno",), exc)
+    _check(begin.seqno >= 0, exc, f"SstBegin.seqno must be a position (>= 0), not {begin.seqno}")
+    _check(isinstance(begin.total_bytes, int) and 0 <= begin.total_bytes <= I64_MAX, exc,
+           f"SstBegin.total_bytes = {begin.total_bytes!r} is not a size")
+
+
+def decode_sst(ftype: FrameType, payload: bytes) -> SstRequest | SstBegin | SstEnd | SstRefused:
+    """Parse an SST_REQUEST, SST_BEGIN, SST_END or SST_REFUSED payload; RemoteProtocolError otherwise."""
+    if ftype is FrameType.SST_REQUEST:
+        c = _parse(SstRequestSchema, payload, "SST_REQUEST")
+        return SstRequest(node_name=c.node_name, auth=c.auth)
+    if ftype is FrameType.SST_BEGIN:
+        c = _parse(SstBeginSchema, payload, "SST_BEGIN")
+        begin = SstBegin(uuid.UUID(bytes=c.cluster_uuid), c.seqno, c.total_bytes, c.format)
+        validate_sst_begin(begin, RemoteProtocolError)
+        return begin
+    if ftype is FrameType.SST_END:
+        return SstEnd(_parse(SstEndSchema, payload, "SST_END").sha256)
+    assert ftype is FrameType.SST_REFUSED
+    return SstRefused(_parse(SstRefusedSchema, payload, "SST_REFUSED").message)
+
+
 def _build(schema: construct.Construct, fields: dict[str, Any]) -> bytes:
     try:
         return schema.build(fields)
@@ -548,6 +623,7 @@ __all__ = [
     "REQUEST_MASK",
     "REQUEST_SEGMENTS",
     "REQUEST_SUBSCRIBE",
+    "SHA256_BYTES",
     "SUPPORTED_VERSIONS",
     "BatchSchema",
     "FrameHeader",
@@ -556,15 +632,21 @@ __all__ = [
     "HandshakeSchema",
     "HeaderSchema",
     "SegmentSchema",
+    "SstBeginSchema",
+    "SstEndSchema",
+    "SstRefusedSchema",
+    "SstRequestSchema",
     "StatusSchema",
     "decode_batch",
     "decode_handshake",
     "decode_response",
     "decode_segment",
+    "decode_sst",
     "encode_batch",
     "encode_handshake",
     "encode_response",
     "encode_segment",
+    "encode_sst",
     "pack_header",
     "unpack_header",
 ]

@@ -823,7 +823,7 @@ def test_malformed_batch(payload: bytes, match: str) -> None:
     ("frame", "match"),
     [
         (raw_frame(0), "unknown IST message type 0"),
-        (raw_frame(12), "unknown IST message type 12"),
+        (raw_frame(17), "unknown IST message type 17"),
         (raw_frame(FrameType.TRX, b"a", seqno=11, flags=0x02), "unknown flags 0x2"),
         (raw_frame(FrameType.TRX, b"a", seqno=11, ctrl=1), "TRX frame has ctrl 1"),
         (raw_frame(FrameType.CTRL, ctrl=5), "unknown ctrl code 5"),

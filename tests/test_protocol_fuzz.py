@@ -36,6 +36,11 @@ from protocol import (
     RefusalReason,
     Role,
     Segment,
+    SstBegin,
+    SstChunk,
+    SstEnd,
+    SstRefused,
+    SstRequest,
     State,
     Status,
     StatusRequest,
@@ -700,6 +705,11 @@ _CHOICES_OF_KIND = {
     Kind.WRITE_SETS: ["write_set", "batch"],
     Kind.SEGMENT: ["segment"],
     Kind.KEEPALIVE: ["keepalive"],
+    Kind.SST_REQUEST: ["sst_request"],
+    Kind.SST_BEGIN: ["sst_begin"],
+    Kind.SST_CHUNK: ["sst_chunk"],
+    Kind.SST_END: ["sst_end"],
+    Kind.SST_REFUSED: ["sst_refused"],
 }
 _ALL_CHOICES = sorted({c for cs in _CHOICES_OF_KIND.values() for c in cs} | {"ctrl_error"})
 
@@ -759,6 +769,16 @@ def some_event(draw: st.DrawFn, sender: Connection) -> Event:
         return Ctrl(-71)
     if choice == "keepalive":
         return Keepalive()
+    if choice == "sst_request":
+        return SstRequest("n", draw(st.binary(max_size=4)))
+    if choice == "sst_begin":
+        return SstBegin(U, draw(st.integers(0, 20)), draw(st.integers(0, 6)))
+    if choice == "sst_chunk":
+        return SstChunk(draw(st.binary(min_size=1, max_size=4)))
+    if choice == "sst_end":
+        return SstEnd(bytes(32))
+    if choice == "sst_refused":
+        return SstRefused(draw(st.text(max_size=10)))
     if choice == "write_set":
         return WriteSet(seqno, RecordType.TRX, b"x")
     if choice == "batch":
@@ -789,5 +809,6 @@ def test_send_and_receive_agree_on_random_conversations(data: st.DataObject) -> 
         assert _feed_all(receiver, frame) == [event]
         assert receiver.state is sender.state and receiver.last_seqno == sender.last_seqno
         assert receiver.follow == sender.follow and receiver.subscribe == sender.subscribe
+        assert receiver.sst_bytes == sender.sst_bytes
         if isinstance(event, Ctrl) and event.code < 0:
             break  # the sender now drops whatever the peer had in flight
