@@ -16,6 +16,7 @@ from istd.cli import fail, load_options, provider_options_option
 from istd.cluster import GROUP_PORT
 from istd.daemon import DEFAULT_API_PORT, DEFAULT_IST_PORT, DaemonConfig, run
 from istd.errors import IstError
+from istd.sst import DEFAULT_SST_PORT
 from istd.trioutil import unwrap
 
 
@@ -91,13 +92,20 @@ def _run(cfg: DaemonConfig, role: str) -> int:
 @common_options
 @click.option("--listen", type=HostPort(DEFAULT_IST_PORT), default=f"0.0.0.0:{DEFAULT_IST_PORT}",
               help="IST address joiners connect to (Galera's IST port is 4568)")
+@click.option("--sst-listen", "sst", type=HostPort(DEFAULT_SST_PORT, allow_none=True), default=None,
+              help=f"SST address for full snapshots (default: the --listen host, port {DEFAULT_SST_PORT}); "
+                   "'none' disables SST")
 @click.option("--bootstrap", is_flag=True,
               help="start a new history when DATADIR has none (like --wsrep-new-cluster)")
-def donor(datadir: Path, name: str, applier: str, api: tuple[str, int] | None, provider_options: str,
-          listen: tuple[str, int], bootstrap: bool) -> int:
-    """Serve write-sets from DATADIR/galera.cache to joiners, and take writes (the writer of the cluster)."""
+@click.pass_context
+def donor(ctx: click.Context, datadir: Path, name: str, applier: str, api: tuple[str, int] | None,
+          provider_options: str, listen: tuple[str, int], sst: tuple[str, int] | None, bootstrap: bool) -> int:
+    """Serve write-sets from DATADIR/galera.cache to joiners by IST, snapshots of the state by SST, and take
+    writes (the writer of the cluster)."""
+    if sst is None and ctx.get_parameter_source("sst") is click.core.ParameterSource.DEFAULT:
+        sst = (listen[0], DEFAULT_SST_PORT)
     cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
-                       listen=listen, api=api, bootstrap=bootstrap)
+                       listen=listen, api=api, bootstrap=bootstrap, sst=sst)
     return _run(cfg, "donor")
 
 
@@ -108,11 +116,14 @@ def donor(datadir: Path, name: str, applier: str, api: tuple[str, int] | None, p
 @click.option("--follow", is_flag=True, help="stay connected and apply new write-sets as the donor takes them")
 @click.option("--retries", type=click.IntRange(min=0), default=5,
               help="rounds over all donors without progress before giving up")
+@click.option("--ist-only", is_flag=True,
+              help="never take a full state transfer: if IST is impossible, exit 4 and leave the state as it is")
 def joiner(datadir: Path, name: str, applier: str, api: tuple[str, int] | None, provider_options: str,
-           donors: tuple[tuple[str, int], ...], follow: bool, retries: int) -> int:
-    """Catch DATADIR up by IST from a donor; exit 0 once caught up (or keep following)."""
+           donors: tuple[tuple[str, int], ...], follow: bool, retries: int, ist_only: bool) -> int:
+    """Catch DATADIR up by IST from a donor (by SST first when IST is impossible); exit 0 once caught up (or
+    keep following)."""
     cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
-                       api=api, donors=donors, follow=follow, retries=retries)
+                       api=api, donors=donors, follow=follow, retries=retries, ist_only=ist_only)
     return _run(cfg, "joiner")
 
 
@@ -132,16 +143,21 @@ def _peers(text: str) -> tuple[tuple[str, int], ...]:
 @click.option("--donor", "donor_names", default="", help="preferred donors by name, NAME,... (wsrep_sst_donor)")
 @click.option("--group-port", type=click.IntRange(1, 65535), default=GROUP_PORT, help="Galera's group port")
 @click.option("--ist-port", type=click.IntRange(1, 65535), default=DEFAULT_IST_PORT, help="IST port")
+@click.option("--sst-port", type=click.IntRange(0, 65535), default=DEFAULT_SST_PORT,
+              help="SST port (full snapshots), 0: off")
 @click.option("--api-port", type=click.IntRange(0, 65535), default=DEFAULT_API_PORT, help="HTTP API port, 0: off")
+@click.option("--ist-only", is_flag=True,
+              help="never take a full state transfer: if IST is impossible, exit 4 and leave the state as it is")
 def node(datadir: Path, name: str, applier: str, provider_options: str, address: str,
          peers: str, bootstrap: bool, writer: str | None, donor_names: str, group_port: int, ist_port: int,
-         api_port: int) -> int:
+         sst_port: int, api_port: int, ist_only: bool) -> int:
     """Run a cluster member: replication (4567), IST (4568) and the API (4580), all on --address; a node that
     is behind joins by IST from a synced member, then follows the writer."""
     cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
                        listen=(address, ist_port), api=(address, api_port) if api_port else None,
                        bootstrap=bootstrap, address=address, group_port=group_port, peers=_peers(peers),
-                       donor_names=tuple(n for n in donor_names.split(",") if n), writer=writer)
+                       donor_names=tuple(n for n in donor_names.split(",") if n), writer=writer,
+                       sst=(address, sst_port) if sst_port else None, ist_only=ist_only)
     return _run(cfg, "node")
 
 

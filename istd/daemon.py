@@ -25,6 +25,7 @@ from istd.errors import IstError, StateError
 from istd.http import DEFAULT_API_PORT, NotWriter, serve_api
 from istd.joiner import Joiner
 from istd.node import LocalNode
+from istd.sst import SstServer
 from istd.states import NodeState
 
 log = structlog.get_logger("istd.daemon")
@@ -51,6 +52,8 @@ class DaemonConfig:
     donors: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     follow: bool = False
     retries: int = 5
+    sst: tuple[str, int] | None = None  # where the donor serves SST; None: it does not
+    ist_only: bool = False
     # istd node (cluster mode)
     address: str = "127.0.0.1"
     group_port: int = 4567
@@ -106,7 +109,10 @@ async def _listen(what: str, start: Callable[..., Awaitable[Any]], nursery: trio
     except OSError as exc:
         host, port = args[-2], args[-1]
         raise BindError(f"cannot listen for {what} on {host or '0.0.0.0'}:{port}: {exc.strerror}; "
-                        f"choose another address with --{'listen' if what == 'IST' else 'api-listen'}") from exc
+                        f"choose another address with --{_FLAGS.get(what, 'api-listen')}") from exc
+
+
+_FLAGS = {"IST": "listen", "SST": "sst-listen"}
 
 
 async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> int:
@@ -134,6 +140,8 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
                 node.shift(NodeState.SYNCED)
                 assert cfg.listen is not None
                 ports["ist"] = await _listen("IST", server.serve, nursery, cfg.listen[0], cfg.listen[1])
+                if cfg.sst is not None:
+                    ports["sst"] = await _serve_sst(node, server, api_node, nursery, cfg.sst)
                 if cfg.api:
                     ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
                 task_status.started(ports)
@@ -142,7 +150,7 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
                 cluster = await _start_cluster_node(cfg, node, nursery, ports)
                 task_status.started(ports)
                 await trio.sleep_forever()
-            joiner = Joiner(node, list(cfg.donors), follow=cfg.follow, retries=cfg.retries)
+            joiner = Joiner(node, list(cfg.donors), follow=cfg.follow, retries=cfg.retries, ist_only=cfg.ist_only)
             api_node = _ApiNode(node, [joiner], writer=False, donors=cfg.donors)
             if cfg.api:
                 ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
@@ -159,6 +167,16 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
     return code
 
 
+async def _serve_sst(node: LocalNode, ist: IstServer, api_node: _ApiNode | None, nursery: trio.Nursery,
+                     address: tuple[str, int]) -> int:
+    sst = SstServer(node)
+    port: int = await _listen("SST", sst.serve, nursery, address[0], address[1])
+    ist.sst, ist.sst_host = sst, address[0]
+    if api_node is not None:
+        api_node.parts.append(sst)
+    return port
+
+
 async def _start_cluster_node(cfg: DaemonConfig, node: LocalNode, nursery: trio.Nursery,
                               ports: dict[str, int]) -> Cluster:
     """`istd node`: group port, IST and API on the node's address; the writer serves, the others follow."""
@@ -167,11 +185,14 @@ async def _start_cluster_node(cfg: DaemonConfig, node: LocalNode, nursery: trio.
     ist = IstServer(node)
     api_port = cfg.api[1] if cfg.api else None
     cluster = Cluster(node, ist, address=cfg.address, group_port=cfg.group_port, ist_port=cfg.listen[1],
-                      api_port=api_port, peers=list(cfg.peers), donor_names=list(cfg.donor_names), writer=writer)
+                      api_port=api_port, peers=list(cfg.peers), donor_names=list(cfg.donor_names), writer=writer,
+                      ist_only=cfg.ist_only)
     ports["group"] = await _listen("the group port", cluster.serve, nursery, cfg.address, cfg.group_port)
     ports["ist"] = await _listen("IST", ist.serve, nursery, cfg.listen[0], cfg.listen[1])
+    api_node = _ApiNode(node, [ist, cluster], writer=writer, donors=(), write=cluster.write)
+    if cfg.sst is not None:
+        ports["sst"] = cluster.sst_port = await _serve_sst(node, ist, api_node, nursery, cfg.sst)
     if cfg.api:
-        api_node = _ApiNode(node, [ist, cluster], writer=writer, donors=(), write=cluster.write)
         ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
     nursery.start_soon(cluster.gossip)
     if writer:

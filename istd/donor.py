@@ -31,6 +31,7 @@ from gcache import Record
 from istd.errors import IstError, ProtocolError, SeqnoNotInCache
 from istd.grastate import ZERO_UUID
 from istd.node import TO_RECORD_TYPES, LocalNode
+from istd.sst import SstServer
 from istd.trioutil import PEER_ERRORS, describe, unwrap
 from protocol import (
     C_EOF,
@@ -78,8 +79,13 @@ def safe_ist_seqno(cached_downto: int, last: int) -> int:
 
 
 def decide_ist(hs: Handshake, *, donor_uuid: Any, donor_last: int, cached_downto: int,
-               versions: tuple[int, int] = SUPPORTED_VERSIONS) -> HandshakeResponse:
-    """The donor's IST decision (Galera's process_state_req rules), with the numbers behind it."""
+               versions: tuple[int, int] = SUPPORTED_VERSIONS, sst_address: str | None = None,
+               sst_refusal: str = "this donor serves no SST") -> HandshakeResponse:
+    """The donor's decision (Galera's process_state_req rules), with the numbers behind it.
+
+    IST when the joiner's history is this donor's, its position is known, and its next seqno is still in
+    the gcache. Otherwise SST, if the joiner accepts it and this donor can serve one (``sst_address`` is
+    where; else ``sst_refusal`` says why not), or a refusal that gives every reason."""
     safe = safe_ist_seqno(cached_downto, donor_last)
     numbers = dict(donor_uuid=donor_uuid, cached_downto=cached_downto, safe_ist_seqno=safe, donor_last=donor_last)
     first = hs.last_applied + 1
@@ -89,29 +95,38 @@ def decide_ist(hs: Handshake, *, donor_uuid: Any, donor_last: int, cached_downto
         return HandshakeResponse(granted=TransferKind.NONE, version=0, reason=reason,
                                  first=first, last=last, message=message, **numbers)
 
+    def impossible(reason: RefusalReason, message: str) -> HandshakeResponse:
+        """IST is impossible: SST if the joiner takes it and this donor can serve it, else a refusal."""
+        if not hs.accept & Accept.SST:
+            return refuse(reason, message)
+        if sst_address is None or version is None:
+            return refuse(reason, f"{message}; and SST is impossible too: {sst_refusal}")
+        return HandshakeResponse(granted=TransferKind.SST, version=version, reason=RefusalReason.NONE,
+                                 first=first, last=last, message=message, sst_address=sst_address, **numbers)
+
     version = negotiate_version(hs.versions, versions)
     if version is None:
         return refuse(RefusalReason.VERSION_UNSUPPORTED,
                       f"joiner speaks protocol versions {hs.versions[0]}-{hs.versions[1]}, "
                       f"donor speaks {versions[0]}-{versions[1]}; upgrade one of them")
     if not hs.accept & Accept.IST:
-        return refuse(RefusalReason.IST_NOT_ACCEPTED, "joiner does not accept IST")
+        return impossible(RefusalReason.IST_NOT_ACCEPTED, "joiner asks for SST only (its position is unknown)")
     if hs.cluster_uuid != donor_uuid:
         what = "has no history" if hs.cluster_uuid == ZERO_UUID else f"has history {hs.cluster_uuid}"
-        return refuse(RefusalReason.UUID_MISMATCH,
-                      f"Local state UUID ({hs.cluster_uuid}) does not match group state UUID ({donor_uuid}): "
-                      f"the joiner {what}, so IST is impossible and only a full state transfer (SST) can help")
+        return impossible(RefusalReason.UUID_MISMATCH,
+                          f"Local state UUID ({hs.cluster_uuid}) does not match group state UUID ({donor_uuid}): "
+                          f"the joiner {what}, so IST is impossible and only a full state transfer (SST) can help")
     if hs.last_applied < 0:
-        return refuse(RefusalReason.SEQNO_UNDEFINED,
-                      "Local state seqno is undefined (-1): IST impossible, only SST can help")
+        return impossible(RefusalReason.SEQNO_UNDEFINED,
+                          "Local state seqno is undefined (-1): IST impossible, only SST can help")
     if hs.last_applied > donor_last:
         return refuse(RefusalReason.AHEAD_OF_DONOR,
                       f"joiner is at seqno {hs.last_applied}, ahead of this donor's last seqno {donor_last}; "
                       "use a donor that is further ahead")
     if first <= last and (cached_downto < 0 or first < cached_downto):
-        return refuse(RefusalReason.NOT_IN_CACHE,
-                      f"IST first seqno {first} not found from cache (cached_downto {cached_downto}): "
-                      "the gap has left this donor's gcache; a larger gcache.size keeps more")
+        return impossible(RefusalReason.NOT_IN_CACHE,
+                          f"IST first seqno {first} not found from cache (cached_downto {cached_downto}): "
+                          "the gap has left this donor's gcache; a larger gcache.size keeps more")
     return HandshakeResponse(granted=TransferKind.IST, version=version, reason=RefusalReason.NONE,
                              first=first, last=last, message="IST granted", **numbers)
 
@@ -146,6 +161,8 @@ class IstServer:
         self.decide_hook: Callable[[Handshake], HandshakeResponse | None] | None = None
         self.on_ctrl: Callable[[int, int], None] | None = None
         self.on_close: Callable[[int], None] | None = None
+        self.sst: SstServer | None = None  # where this node serves SST, if it does
+        self.sst_host = ""
         self.counters = {"istd_ist_served": 0, "istd_ist_failed": 0, "istd_ist_refused": 0,
                          "istd_ist_sent_writesets": 0, "istd_ist_sent_bytes": 0}
 
@@ -164,8 +181,17 @@ class IstServer:
             if response is not None:
                 return response
         node = self.node
+        sst_address, sst_refusal = None, "this donor serves no SST (its SST port is off)"
+        if self.sst is not None and self.sst.port is not None:
+            refusal = self.sst.refusal()
+            if refusal is None:
+                # a wildcard listener: the joiner uses the host it reached this donor at
+                host = "" if self.sst_host in ("", "0.0.0.0", "::") else self.sst_host
+                sst_address = f"[{host}]:{self.sst.port}" if ":" in host else f"{host}:{self.sst.port}"
+            else:
+                sst_refusal = refusal
         return decide_ist(hs, donor_uuid=node.uuid, donor_last=node.last_committed,
-                          cached_downto=node.gcache.seqno_min)
+                          cached_downto=node.gcache.seqno_min, sst_address=sst_address, sst_refusal=sst_refusal)
 
     async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
@@ -280,6 +306,15 @@ class _Sender:
             log.info(f"IST request: {hs.cluster_uuid}:{hs.last_applied}-{response.donor_last}|{self.peer}",
                      joiner=hs.node_name, uuid=str(hs.cluster_uuid), last_applied=hs.last_applied,
                      first=response.first, last=response.last, follow=hs.follow)
+            if response.granted is TransferKind.SST:
+                self.server.counters["istd_ist_refused"] += 1
+                in_history = hs.accept & Accept.IST and hs.cluster_uuid == node.uuid and hs.last_applied >= 0
+                verdict = (f"IST first seqno {response.first} not found from cache, falling back to SST"
+                           if in_history else f"{response.message}; falling back to SST")
+                log.info(f"{verdict}: {hs.node_name or self.peer} is sent to the SST port {response.sst_address}",
+                         cached_downto=response.cached_downto, donor_last=response.donor_last)
+                await self._send(response)
+                return
             if response.granted is TransferKind.NONE:
                 self.server.counters["istd_ist_refused"] += 1
                 log.warning(f"IST refused to {hs.node_name or self.peer}: {response.message}",

@@ -141,13 +141,18 @@ def write(datadir: Path | str, state: SavedState) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise StateError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def fsync_dir(directory: Path | str) -> None:
+    """Make a rename in ``directory`` durable."""
+    dirfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 class DatadirLock:

@@ -37,6 +37,7 @@ from istd.applier import ApplyError
 from istd.apply_worker import ERROR_LEN, REPLY, encode_request, encode_segment_request
 from istd.errors import IstError, ProtocolError, RemoteProtocolError
 from istd.node import LocalNode
+from istd.sst import SnapshotInvalid, SnapshotRefused, SstClient
 from istd.states import NodeState
 from istd.trioutil import PEER_ERRORS, describe, unwrap
 from protocol import (
@@ -79,6 +80,18 @@ class JoinFailed(IstError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class SstGranted(IstError):
+    """The donor cannot serve IST and sends this joiner to its SST port instead."""
+
+    def __init__(self, donor: tuple[str, int], response: HandshakeResponse) -> None:
+        super().__init__(f"{donor[0]}:{donor[1]}: {response.message}; SST at {response.sst_address}")
+        self.donor = donor
+        self.response = response
+        host, _, port = response.sst_address.rpartition(":")
+        host = host.strip("[]") or donor[0]  # empty: the host this joiner reached the donor at
+        self.sst = (host, int(port))
 
 
 class Refused(IstError):
@@ -161,14 +174,17 @@ class Joiner:
     """Catch a LocalNode up from a list of donors; optionally keep following."""
 
     def __init__(self, node: LocalNode, donors: list[tuple[str, int]], *, follow: bool = False,
-                 retries: int = 5, target_last: int | None = None,
+                 retries: int = 5, target_last: int | None = None, ist_only: bool = False,
                  on_caught_up: Callable[[], None] | None = None,
                  on_applied: Callable[[], None] | None = None) -> None:
         """``target_last`` fixes the end of the range (a cluster node asks for its gap up to the group position it
         saw when it subscribed to replication); ``on_caught_up`` replaces the shift to Synced (a cluster node
         becomes Synced only when its replication queue is short); ``on_applied`` runs after every applied
-        batch (flow control)."""
+        batch (flow control). ``ist_only``: never take an SST (Galera's ist_only); when IST is impossible the
+        join fails with exit code 4 and the local state is left as it was."""
         self.node = node
+        self.ist_only = ist_only
+        self.sst = SstClient(node)
         self.donors = donors
         self.follow = follow
         self.retries = retries
@@ -202,6 +218,7 @@ class Joiner:
             "wsrep_ist_receive_seqno_current": 0,
             "wsrep_ist_receive_seqno_end": 0,
             **self.counters,
+            **self.sst.status(),
         }
         p = self.progress
         if p is not None and self.node.state is NodeState.JOINING_RECEIVING and p.total:
@@ -216,29 +233,89 @@ class Joiner:
     # ------------------------------------------------------------------------------ main loop
 
     async def run(self) -> int:
-        """Returns an exit code (0: caught up). Raises JoinFailed for the other outcomes."""
-        failure: JoinFailed | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.apply_loop, nursery.cancel_scope)
-            nursery.start_soon(self.progress_loop)
+        """Returns an exit code (0: caught up). Raises JoinFailed for the other outcomes.
+
+        IST when a donor can serve it; otherwise an SST (unless ``ist_only``), installed while no apply
+        worker runs, then IST from the snapshot's seqno + 1 on the same donor."""
+        node = self.node
+        if not node.position_known:
+            if self.ist_only:
+                raise JoinFailed(f"the local state is unknown ({node.gtid}): only a full state transfer (SST) can "
+                                 "help, and --ist-only forbids it; nothing was changed", exitcodes.REFUSED)
+            log.info(f"Local state {node.gtid} is unknown: IST will be unavailable, requesting SST",
+                     uuid=str(node.uuid), seqno=node.last_committed)
+        while True:
+            failure: JoinFailed | None = None
+            sst: SstGranted | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.apply_loop, nursery.cancel_scope)
+                nursery.start_soon(self.progress_loop)
+                try:
+                    await self.catch_up()
+                except JoinFailed as exc:  # kept out of the nursery's exception group
+                    failure = exc
+                except SstGranted as exc:
+                    sst = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            if self._apply_error is not None:
+                raise JoinFailed(f"applying write-sets failed, the node must not continue: {self._apply_error}",
+                                 exitcodes.LOCAL_STATE)
+            if sst is None:
+                return exitcodes.OK
+            await self.state_transfer(sst)
+
+    async def state_transfer(self, grant: SstGranted) -> None:
+        """Receive a snapshot from the granting donor's SST port and install it; retried with backoff. On
+        failure the local state and its position are as they were (the partial snapshot is removed)."""
+        node = self.node
+        host, port = grant.sst
+        donor = f"{host}:{port}"
+        node.shift(NodeState.JOINING_RECEIVING)
+        log.info(f"State transfer required: \n\tGroup state: {grant.response.donor_uuid}:{grant.response.donor_last}"
+                 f"\n\tLocal state: {node.gtid}", group_uuid=str(grant.response.donor_uuid),
+                 group_seqno=grant.response.donor_last, local_seqno=node.last_committed)
+        log.info(f"Requesting SST from {donor}: {grant.response.message}", donor=donor)
+        backoff = FIRST_BACKOFF_SECONDS
+        for attempt in range(self.retries + 1):
             try:
-                await self.catch_up()
-            except JoinFailed as exc:  # kept out of the nursery's exception group
-                failure = exc
-            finally:
-                nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        if self._apply_error is not None:
-            raise JoinFailed(f"applying write-sets failed, the node must not continue: {self._apply_error}",
-                             exitcodes.LOCAL_STATE)
-        return exitcodes.OK
+                snapshot = await self.sst.receive(host, port)
+                break
+            except SnapshotRefused as exc:
+                node.shift(NodeState.REQUEST_FAILED)
+                raise JoinFailed(f"{exc}; the position {node.gtid} is kept", exitcodes.REFUSED) from None
+            except Exception as exc:
+                err = unwrap(exc)
+                if not isinstance(err, PEER_ERRORS | SnapshotInvalid):
+                    raise
+                log.warning(f"SST from {donor} failed: {_connect_hint(donor, err)}; the local state is untouched",
+                            donor=donor, error=describe(err), attempt=attempt + 1)
+                if attempt == self.retries:
+                    node.shift(NodeState.TRANSFER_FAILED)
+                    code = exitcodes.PROTOCOL if isinstance(err, ProtocolError) else exitcodes.UNREACHABLE
+                    raise JoinFailed(f"SST from {donor} failed: {describe(err)}; the position {node.gtid} is kept",
+                                     code) from None
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.retry_max)
+        log.info(f"SST received: {snapshot.cluster_uuid}:{snapshot.seqno}", uuid=str(snapshot.cluster_uuid),
+                 seqno=snapshot.seqno, bytes=snapshot.nbytes, donor=donor)
+        node.install_state(snapshot.path, snapshot.cluster_uuid, snapshot.seqno)
+        self.sst.progress = None
+        self.received_upto = snapshot.seqno
+        self.target = None
+        self.progress = None
+        self.caught_up = trio.Event()
+        # IST from S+1 on the same donor first: it keeps S+1 in its gcache for this
+        self.donors = [grant.donor] + [d for d in self.donors if d != grant.donor]
 
     async def catch_up(self) -> None:
         failed_rounds = 0
         backoff = FIRST_BACKOFF_SECONDS
         while True:
             refusals: list[Refused] = []
+            grants: list[SstGranted] = []
             errors: list[tuple[str, BaseException]] = []
             progressed = False
             for host, port in self.donors:
@@ -254,6 +331,9 @@ class Joiner:
                 except Refused as exc:
                     log.warning(str(exc), donor=donor, reason=exc.response.reason.name)
                     refusals.append(exc)
+                except SstGranted as exc:
+                    log.info(f"IST impossible from {donor}: {exc.response.message}", donor=donor)
+                    grants.append(exc)
                 except ApplyError:
                     raise
                 except Exception as exc:
@@ -265,9 +345,13 @@ class Joiner:
                 if self._apply_error is not None:
                     return
                 progressed = progressed or self.received_upto > before
+            if grants and len(refusals) + len(grants) == len(self.donors):
+                # no donor can serve IST: SST from the first that offered it, once what arrived is applied
+                await self.node.committed.wait_above(self.received_upto - 1)
+                raise grants[0]
             if refusals and len(refusals) == len(self.donors):
                 self.node.shift(NodeState.REQUEST_FAILED)
-                raise JoinFailed(str(refusals[-1]), exitcodes.REFUSED)
+                raise JoinFailed(self._refusal_message(refusals[-1]), exitcodes.REFUSED)
             failed_rounds = 0 if progressed else failed_rounds + 1
             if failed_rounds > self.retries:
                 self.node.shift(NodeState.TRANSFER_FAILED)
@@ -278,6 +362,12 @@ class Joiner:
                      backoff=backoff, position=self.received_upto, round=failed_rounds)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.retry_max)
+
+    def _refusal_message(self, refused: Refused) -> str:
+        if self.ist_only:
+            return (f"{refused}; IST is impossible and --ist-only forbids SST: nothing was changed, the position "
+                    f"{self.node.gtid} is kept")
+        return str(refused)
 
     def _log_failure(self, donor: str, err: BaseException) -> None:
         if self.progress is not None and self.received_upto >= self.progress.first:
@@ -291,7 +381,7 @@ class Joiner:
     def _give_up(self, errors: list[tuple[str, BaseException]], refusals: list[Refused]) -> JoinFailed:
         position = f"the position {self.node.uuid}:{self.node.last_committed} is kept for the next start"
         if not errors:
-            return JoinFailed(f"{refusals[-1]}; {position}", exitcodes.REFUSED)
+            return JoinFailed(f"{self._refusal_message(refusals[-1])}; {position}", exitcodes.REFUSED)
         donor, err = errors[-1]
         if all(isinstance(e, OSError) and not isinstance(e, trio.BrokenResourceError) for _, e in errors) \
                 or all(isinstance(e, trio.TooSlowError) for _, e in errors):
@@ -323,11 +413,14 @@ class Joiner:
             await stream.send_all(conn.send(Handshake(
                 cluster_uuid=node.uuid, last_applied=last_applied, first=last_applied + 1,
                 last=-1 if self.target_last is None else self.target_last,
-                accept=Accept.IST, versions=SUPPORTED_VERSIONS, node_name=node.name, follow=self.follow,
+                accept=self._accept(), versions=SUPPORTED_VERSIONS, node_name=node.name, follow=self.follow,
                 segments=True)))
             response = await receive.event()
         if not isinstance(response, HandshakeResponse):
             raise RemoteProtocolError(f"expected HANDSHAKE_RESPONSE, got {type(response).__name__}")
+        if response.granted is TransferKind.SST:
+            host, _, port = donor.rpartition(":")
+            raise SstGranted((host.strip("[]"), int(port)), response)
         if response.granted is not TransferKind.IST:
             raise Refused(donor, response)
         first, last = response.first, response.last
@@ -357,6 +450,13 @@ class Joiner:
                 nursery.cancel_scope.cancel()
         if not self.follow:
             await self._wait_applied(self.target)
+
+    def _accept(self) -> Accept:
+        """Galera's joiner rules: an unknown position takes SST only; otherwise IST, with SST as the fallback
+        (unless ist_only)."""
+        if not self.node.position_known and self.received_upto < 0:
+            return Accept.SST
+        return Accept.IST if self.ist_only else Accept.IST | Accept.SST
 
     async def _receive_stream(self, receive: EventReader, donor: str) -> None:
         while True:
@@ -606,4 +706,4 @@ def _connect_hint(donor: str, err: BaseException) -> str:
     return f"{donor}: {describe(err)}"
 
 
-__all__ = ["C_OK", "JoinFailed", "Joiner", "Refused"]
+__all__ = ["C_OK", "JoinFailed", "Joiner", "Refused", "SstGranted"]

@@ -29,7 +29,7 @@ import trio
 from gcache import CCHANGE, WRITESET, GCache
 from istd import __version__
 from istd import grastate as gs
-from istd.applier import Applier, open_applier
+from istd.applier import STATE_DB_NAME, Applier, open_applier
 from istd.config import ProviderOptions
 from istd.errors import IstError, StateError
 from istd.states import NodeState
@@ -203,6 +203,40 @@ class LocalNode:
             self.applier.reset(node_uuid, 0)
             log.info(f"Starting new cluster history: {node_uuid}:0", uuid=str(node_uuid))
         return node_uuid, seqno
+
+    def install_state(self, snapshot: Path, cluster_uuid: uuid.UUID, seqno: int) -> None:
+        """Switch to a verified SST snapshot: applied state, position, grastate.dat and gcache history.
+
+        Crash-safe by order. grastate.dat first says "unknown" (zero uuid, -1, Galera's mark_unsafe), so a
+        restart takes the position from the state database, whichever it is; then the old database's WAL
+        goes and the snapshot is renamed over it (the one atomic step); then the gcache adopts the new
+        history and grastate.dat the new uuid. Before the rename a crash leaves the old state with its own
+        position; after it, the snapshot with its own.
+        """
+        from istd.sst import read_position  # the snapshot file's position, read like the applier's
+
+        if read_position(snapshot) != (cluster_uuid, seqno):
+            raise StateError(f"snapshot {snapshot} is not at {cluster_uuid}:{seqno}: not installed")
+        db = self.datadir / STATE_DB_NAME
+        gs.write(self.datadir, gs.SavedState(uuid=gs.ZERO_UUID, seqno=gs.SEQNO_UNDEFINED,
+                                             safe_to_bootstrap=False))
+        if self._applier is not None:
+            self._applier.close()
+            self._applier = None
+        for leftover in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+            leftover.unlink(missing_ok=True)
+        snapshot.replace(db)
+        gs.fsync_dir(self.datadir)
+        if self.uuid != cluster_uuid:
+            log.info("Resetting GCache seqno map due to different histories.", old=str(self.uuid),
+                     new=str(cluster_uuid))
+        self._applier = open_applier(self.applier_name, self.datadir)
+        self.gcache.reset(cluster_uuid, seqno)
+        self.uuid = cluster_uuid
+        self.committed.set(seqno)
+        self._digest_seqno = -1
+        self.save_state(running=True)
+        log.info(f"Installed new state from SST: {cluster_uuid}:{seqno}", uuid=str(cluster_uuid), seqno=seqno)
 
     def save_state(self, *, running: bool) -> None:
         """grastate.dat as Galera writes it: seqno -1 while running, the real seqno at a clean stop."""

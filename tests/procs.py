@@ -80,6 +80,7 @@ class Daemon:
     api_port: int
     ist_port: int | None = None
     args: tuple[str, ...] = ()
+    sst_port: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
 
@@ -90,6 +91,8 @@ class Daemon:
                        "--api-listen", f"{self.host}:{self.api_port}", *self.args)
         if self.role == "donor":
             cmd += ["--listen", f"{self.host}:{self.ist_port}"]
+            if "--sst-listen" not in self.args:
+                cmd += ["--sst-listen", f"{self.host}:{self.sst_port}"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         return self
@@ -156,7 +159,8 @@ class Cluster:
 
     def donor(self, name: str, *args: str, host: str | None = None) -> Daemon:
         host = host or self.host()
-        d = Daemon("donor", self.root / name, host, free_port(host), free_port(host), args=args)
+        d = Daemon("donor", self.root / name, host, free_port(host), free_port(host), args=args,
+                   sst_port=free_port(host))
         self.daemons.append(d)
         return d
 
