@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,10 +37,12 @@ from typing import Any
 import structlog
 import trio
 
-from istd.donor import IstServer
+from istd import exitcodes
+from istd.donor import IstServer, safe_ist_seqno
 from istd.errors import IstError
+from istd.grastate import ZERO_UUID
 from istd.http import FlowControlPaused, NotWriter
-from istd.joiner import EventReader, Joiner, JoinFailed, Refused
+from istd.joiner import EventReader, Joiner, JoinFailed, Refused, SstGranted
 from istd.node import LocalNode
 from istd.states import NodeState
 from istd.trioutil import PEER_ERRORS, describe, unwrap
@@ -76,6 +79,7 @@ STALE_AFTER_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 2.0
 PROBE_ERRORS: tuple[type[BaseException], ...] = (*PEER_ERRORS, ValueError, KeyError, TypeError)
 FIRST_BACKOFF_SECONDS = 0.2
+SERVING_STATES = ("Synced", "Donor/Desynced")
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Member:
     uuid: str
     writer: bool
     seen: float = 0.0
+    sst: str = ""  # SST address ("" when the member serves none)
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -101,8 +106,12 @@ class Cluster:
     """One node's membership, group port, replication and flow control."""
 
     def __init__(self, node: LocalNode, ist_server: IstServer, *, address: str, group_port: int, ist_port: int,
-                 api_port: int | None, peers: list[tuple[str, int]], donor_names: list[str], writer: bool) -> None:
+                 api_port: int | None, peers: list[tuple[str, int]], donor_names: list[str], writer: bool,
+                 ist_only: bool = False) -> None:
         self.node = node
+        self.ist_only = ist_only
+        self.sst_port: int | None = None  # set once the SST listener is open
+        self._sst_donor: str | None = None  # the member the last SST came from: first choice for the IST after
         self.ist_server = ist_server
         self.address = address
         self.group_addr = f"{address}:{group_port}"
@@ -144,8 +153,9 @@ class Cluster:
 
     def me(self) -> Member:
         node = self.node
+        sst = f"{self.address}:{self.sst_port}" if self.sst_port else ""
         return Member(node.name, self.group_addr, self.ist_addr, self.api_addr, node.state.comment,
-                      node.last_committed, node.gcache.seqno_min, str(node.uuid), self.writer, time.time())
+                      node.last_committed, node.gcache.seqno_min, str(node.uuid), self.writer, time.time(), sst)
 
     def live_members(self) -> list[Member]:
         now = time.time()
@@ -160,7 +170,8 @@ class Cluster:
     def writer_member(self) -> Member | None:
         if self.writer:
             return self.me()
-        return next((m for m in self.live_members() if m.writer and m.state == "Synced"), None)
+        # a writer serving an SST is Donor/Desynced and still the writer (it takes writes all along)
+        return next((m for m in self.live_members() if m.writer and m.state in SERVING_STATES), None)
 
     @property
     def paused(self) -> bool:
@@ -339,7 +350,7 @@ class Cluster:
         me = self.node.name
         candidates = [m for m in self.live_members() if m.name != me and m.state == "Synced"
                       and m.uuid == str(self.node.uuid) and 0 <= m.cached_downto <= local + 1]
-        for name in self.donor_names:
+        for name in [self._sst_donor, *self.donor_names]:
             for m in candidates:
                 if m.name == name:
                     return m
@@ -348,34 +359,119 @@ class Cluster:
             raise JoinFailed(f"no synced member holds seqno {local + 1} in its gcache (members: {seen})", 4)
         return max(candidates, key=lambda m: (not m.writer, m.cached_downto))
 
-    async def follow(self) -> None:
-        """Join the cluster and keep following the writer, rejoining (by IST if needed) after any failure."""
+    def ist_impossible(self, local: int) -> str | None:
+        """Galera's rules, joiner side then group side: why this node cannot catch up by IST, or None.
+
+        Unknown position or another history: SST only. Otherwise an IST donor must be synced, of the same
+        history and hold local + 1; and (unless IST-only, as PXC) local must not be below Galera's
+        safe_ist_seqno = lowest cached seqno of all members + min((group seqno - that) >> 7, 2^20)."""
         node = self.node
-        joiner = Joiner(node, [], on_caught_up=self._ist_done, on_applied=self._after_apply, retries=2)
+        writer = self.writer_member()
+        if writer is None:
+            return None
+        if node.uuid == ZERO_UUID or local < 0:
+            return f"Local state {node.uuid}:{local} is unknown"
+        if str(node.uuid) != writer.uuid:
+            return f"Local state UUID ({node.uuid}) does not match group state UUID ({writer.uuid})"
+        group = writer.last_committed
+        if local >= group:
+            return None
+        try:
+            self.select_donor(local)
+        except JoinFailed as exc:
+            return f"IST first seqno {local + 1} not found from cache: {exc}"
+        cached = [m.cached_downto for m in self.live_members() if m.cached_downto >= 0]
+        if not self.ist_only and cached:
+            safe = safe_ist_seqno(min(cached), group)
+            if local < safe:
+                log.info(f"may fallback to sst. ist_seqno [{local}] < safe_ist_seqno [{safe}]", ist_seqno=local,
+                         safe_ist_seqno=safe, lowest_cached=min(cached), group_seqno=group)
+                return (f"ist_seqno {local} < safe_ist_seqno {safe} (lowest cached {min(cached)} + safety gap "
+                        f"min(({group} - {min(cached)}) >> 7, 2^20)): the donors' caches may evict it meanwhile")
+        return None
+
+    def select_sst_donor(self) -> Member:
+        """Galera's SST donor: a synced member serving SST, names given with --donor first, then not the writer."""
+        me = self.node.name
+        candidates = [m for m in self.live_members() if m.name != me and m.state == "Synced" and m.sst]
+        for name in self.donor_names:
+            for m in candidates:
+                if m.name == name:
+                    return m
+        if not candidates:
+            seen = ", ".join(f"{m.name}:{m.state}" for m in self.live_members())
+            raise JoinFailed(f"no synced member serves SST (members: {seen})", exitcodes.REFUSED)
+        return min(candidates, key=lambda m: m.writer)
+
+    async def _state_transfer(self, joiner: Joiner, why: str) -> None:
+        """A full state transfer from a synced member's SST port; the IST that follows comes from the same
+        member (it keeps the snapshot's next seqno in its gcache). No apply worker runs meanwhile."""
+        node = self.node
+        if self.ist_only:
+            raise JoinFailed(f"IST is impossible: {why}; --ist-only forbids SST: nothing was changed, the position "
+                             f"{node.gtid} is kept", exitcodes.REFUSED, final=True)
+        donor = self.select_sst_donor()
+        want = ",".join(self.donor_names) or "*any*"
+        log.info(f"IST is impossible: {why}; full state transfer (SST) needed", reason=why)
+        await self.announce(f"Member {self.index(node.name)}.0 ({node.name}) requested state transfer from '{want}'. "
+                            f"Selected {self.index(donor.name)}.0 ({donor.name})(SYNCED) as donor.")
+        writer = self.writer_member()
+        response = HandshakeResponse(granted=TransferKind.SST, version=1, reason=RefusalReason.NONE,
+                                     donor_uuid=uuid.UUID(donor.uuid), first=0, last=donor.last_committed,
+                                     cached_downto=donor.cached_downto, safe_ist_seqno=-1,
+                                     donor_last=writer.last_committed if writer else donor.last_committed,
+                                     message=why, sst_address=donor.sst)
+        await joiner.state_transfer(SstGranted(_hostport(donor.ist), response))
+        self._sst_donor = donor.name
+        await self.announce(f"{self.index(node.name)}.0 ({node.name}): State transfer from "
+                            f"{self.index(donor.name)}.0 ({donor.name}) complete.")
+
+    async def follow(self) -> None:
+        """Join the cluster and keep following the writer, rejoining (by IST, or SST when IST is impossible)
+        after any failure."""
+        node = self.node
+        # ist_only: the cluster decides SST itself, before any apply worker runs (_state_transfer)
+        joiner = Joiner(node, [], on_caught_up=self._ist_done, on_applied=self._after_apply, retries=2,
+                        ist_only=True)
         self.joiner = joiner
         backoff = FIRST_BACKOFF_SECONDS
+        while True:
+            try:
+                await self._follow_attempt(joiner)
+            except Exception as exc:
+                err = unwrap(exc)
+                if isinstance(err, JoinFailed) and err.final:
+                    raise err from None
+                if not isinstance(err, PEER_ERRORS):
+                    raise
+                log.warning(f"Lost the cluster: {describe(err)}; rejoining in {backoff:.1f} s",
+                            error=describe(err), position=node.last_committed)
+            self._fc_sent = False
+            if self._synced_since_failure:  # it had rejoined: the next failure starts the backoff anew
+                backoff = FIRST_BACKOFF_SECONDS
+                self._synced_since_failure = False
+            if node.state is not NodeState.INCONSISTENT:
+                node.shift(NodeState.INITIALIZED)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, node.options["ist.retry_max"])
+
+    async def _follow_attempt(self, joiner: Joiner) -> None:
+        """One join: the IST-or-SST decision (and the SST, while no apply worker runs), then replication with
+        the joiner's apply worker, until the link fails."""
+        node = self.node
+        await self.probe_all()
+        why = self.ist_impossible(joiner.received_upto)
+        if why is not None:
+            await self._state_transfer(joiner, why)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(joiner.apply_loop, nursery.cancel_scope)
             nursery.start_soon(joiner.progress_loop)
-            while True:
-                try:
-                    await self._follow_once(joiner)
-                except Exception as exc:
-                    err = unwrap(exc)
-                    if isinstance(err, JoinFailed) and err.exit_code == 6:
-                        raise err from None
-                    if not isinstance(err, PEER_ERRORS):
-                        raise
-                    log.warning(f"Lost the cluster: {describe(err)}; rejoining in {backoff:.1f} s",
-                                error=describe(err), position=node.last_committed)
-                self._fc_sent = False
-                if self._synced_since_failure:  # it had rejoined: the next failure starts the backoff anew
-                    backoff = FIRST_BACKOFF_SECONDS
-                    self._synced_since_failure = False
-                if node.state is not NodeState.INCONSISTENT:
-                    node.shift(NodeState.INITIALIZED)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, node.options["ist.retry_max"])
+            await self._follow_once(joiner)
+        if joiner._apply_error is not None:
+            raise JoinFailed(f"applying write-sets failed, the node must not continue: {joiner._apply_error}",
+                             exitcodes.LOCAL_STATE)
+        if node.state is NodeState.INCONSISTENT:
+            raise JoinFailed("the node is inconsistent and must not continue", exitcodes.LOCAL_STATE)
 
     async def _follow_once(self, joiner: Joiner) -> None:
         node = self.node
@@ -441,6 +537,7 @@ class Cluster:
         joiner.target = None
         joiner.progress = None
         joiner.caught_up = trio.Event()
+        self._sst_donor = None
         await joiner.catch_up()
         await self.announce(f"{self.index(node.name)}.0 ({node.name}): State transfer from "
                             f"{self.index(donor.name)}.0 ({donor.name}) complete.")
@@ -506,7 +603,8 @@ class Cluster:
         queue = joiner.queue.length + self._pending_count
         upper = self.upper_limit()
         lower = round(upper * self.fc_factor)
-        if node.state in (NodeState.INITIALIZED, NodeState.JOINED) and queue <= lower:
+        # JOINING_RECEIVING here: an SST brought the node to the group position, no IST was needed
+        if node.state in (NodeState.INITIALIZED, NodeState.JOINED, NodeState.JOINING_RECEIVING) and queue <= lower:
             node.shift(NodeState.JOINED)
             node.shift(NodeState.SYNCED)
             self._synced_since_failure = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import collections
+import collections.abc
 import contextlib
 import fcntl
 import math
@@ -77,9 +78,11 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 class JoinFailed(IstError):
     """The join ended without catching up; ``exit_code`` says why (istd/exitcodes.py)."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, *, final: bool = False) -> None:
+        """``final``: retrying cannot help (a cluster node stops instead of rejoining)."""
         super().__init__(message)
         self.exit_code = exit_code
+        self.final = final or exit_code == exitcodes.LOCAL_STATE
 
 
 class SstGranted(IstError):
@@ -128,6 +131,7 @@ class RecvQueue:
         self.length_max = 0
         self._send, self._recv = trio.open_memory_channel[Any](math.inf)
         self._changed = trio.Event()
+        self._front: collections.deque[Received] = collections.deque()  # handed out, not applied: first again
 
     async def put(self, item: Received) -> None:
         nbytes = item.nbytes
@@ -140,8 +144,14 @@ class RecvQueue:
         self._send.send_nowait(item)
 
     async def get(self) -> Received:
+        if self._front:
+            return self._front.popleft()
         item: Received = await self._recv.receive()
         return item
+
+    def requeue(self, items: collections.abc.Iterable[Received]) -> None:
+        """Items taken with get() but not applied go back to the front, in order (still counted)."""
+        self._front.extendleft(reversed(list(items)))
 
     def done(self, count: int, nbytes: int) -> None:
         self.bytes -= nbytes
@@ -551,7 +561,17 @@ class Joiner:
             raise
         finally:
             with trio.CancelScope(shield=True):
-                await worker.close()
+                await worker.close()  # it applies what it was sent, then exits
+                with trio.move_on_after(WORKER_EXIT_TIMEOUT_SECONDS):
+                    while in_flight:  # acks nobody read: the loop was cancelled (a rejoin, a state transfer)
+                        try:
+                            last = await worker.receive_ack()
+                        except ApplyError:
+                            break
+                        if last != in_flight[0].last:
+                            break
+                        self._applied(in_flight.popleft())
+                self.queue.requeue(in_flight)  # not applied: the next apply loop takes them first
 
     def _check_caught_up(self) -> None:
         node, target = self.node, self.target

@@ -25,6 +25,7 @@ class Node:
         self.group_port = group_port
         self.ist_port = free_port(host)
         self.api_port = free_port(host)
+        self.sst_port = free_port(host)
         self.peers = peers
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -39,7 +40,8 @@ class Node:
         self.logs.append(log)
         cmd = istd_cmd("node", "--name", self.name, "--datadir", str(self.datadir), "--address", self.host,
                        "--peers", self.peers, "--group-port", str(self.group_port), "--ist-port",
-                       str(self.ist_port), "--api-port", str(self.api_port), *self.args, *extra)
+                       str(self.ist_port), "--api-port", str(self.api_port), "--sst-port", str(self.sst_port),
+                       *self.args, *extra)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         return self
@@ -90,12 +92,12 @@ def start_cluster(nodes: list[Node]) -> str:
     node1 = nodes[0].start("--bootstrap")
     node1.wait_synced()
     uuid = json.loads(run_istd("grastate", "show", str(node1.datadir), "--json").stdout)["uuid"]
-    for n in nodes[1:]:
-        # they start from the cluster's initial state, seqno 0 (a fresh node would need an SST)
-        run_istd("grastate", "set", str(n.datadir), "--uuid", uuid, "--seqno", "0", "--safe-to-bootstrap", "0")
+    for n in nodes[1:]:  # empty data directories: they join by SST, as Galera's nodes do at formation
         n.start()
     for n in nodes:
         n.wait_synced()
+    for n in nodes[1:]:
+        assert any(str(e.get("event", "")).startswith("Installed new state from SST: ") for e in n.events()), n.name
     return str(uuid)
 
 

@@ -113,17 +113,19 @@ def test_writes_continue_during_transfer_and_two_joiners_at_once(tmp_path: Path)
         assert digest(b.datadir) == digest(donor.datadir)
 
 
-def test_joiner_refused_for_another_history_exits_4_and_keeps_position(tmp_path: Path) -> None:
+def test_ist_only_joiner_of_another_history_exits_4_and_keeps_position(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
         donor = c.donor("donor", "--bootstrap").start()
         donor.wait_synced()
-        joiner = c.joiner("joiner", donor)
+        joiner = c.joiner("joiner", donor, args=("--ist-only",))
         run_istd("grastate", "set", str(joiner.datadir), "--uuid", "11111111-2222-3333-4444-555555555555",
                  "--seqno", "7")
+        before = sorted(p.name for p in joiner.datadir.iterdir())
         joiner.start()
         assert joiner.wait_exit() == exitcodes.REFUSED
-        assert "UUID_MISMATCH" in joiner.log()
+        assert "UUID_MISMATCH" in joiner.log() and "--ist-only forbids SST" in joiner.log()
         assert "seqno:   7\n" in (joiner.datadir / "grastate.dat").read_text()
+        assert not any(p.name.endswith(".sst") for p in joiner.datadir.iterdir()), before
 
 
 def test_unreachable_donor_names_address_and_keeps_position(tmp_path: Path) -> None:
