@@ -379,14 +379,12 @@ def cluster_nodes(net: Network, root: Path, *args: str, options: str = "", write
 
 
 def start_cluster(nodes: Sequence[NsNode], timeout: float = DEADLINE_SECONDS) -> str:
-    """Bootstrap nodes[0]; the others start from the cluster's initial state (seqno 0), as a node present
-    when the history began does; wait until all are Synced. The cluster's uuid."""
+    """Bootstrap nodes[0]; the others start with empty data directories and join by SST; wait until all are
+    Synced. The cluster's uuid."""
     first = nodes[0].start("--bootstrap")
     first.wait_synced(timeout=timeout)
     uuid = str(json.loads(run_istd("grastate", "show", str(first.datadir), "--json").stdout)["uuid"])
     for n in nodes[1:]:
-        n.datadir.mkdir(parents=True, exist_ok=True)
-        run_istd("grastate", "set", str(n.datadir), "--uuid", uuid, "--seqno", "0", "--safe-to-bootstrap", "0")
         n.start()
     for n in nodes:
         n.wait_synced(timeout=timeout)
