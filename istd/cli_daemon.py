@@ -95,17 +95,21 @@ def _run(cfg: DaemonConfig, role: str) -> int:
 @click.option("--sst-listen", "sst", type=HostPort(DEFAULT_SST_PORT, allow_none=True), default=None,
               help=f"SST address for full snapshots (default: the --listen host, port {DEFAULT_SST_PORT}); "
                    "'none' disables SST")
+@click.option("--sst-address", "sst_address", type=HostPort(DEFAULT_SST_PORT), default=None,
+              help="the SST address joiners are told to use, when it is not --sst-listen (NAT, a port mapping, a "
+                   "proxy; like Galera's wsrep_sst_receive_address)")
 @click.option("--bootstrap", is_flag=True,
               help="start a new history when DATADIR has none (like --wsrep-new-cluster)")
 @click.pass_context
 def donor(ctx: click.Context, datadir: Path, name: str, applier: str, api: tuple[str, int] | None,
-          provider_options: str, listen: tuple[str, int], sst: tuple[str, int] | None, bootstrap: bool) -> int:
+          provider_options: str, listen: tuple[str, int], sst: tuple[str, int] | None,
+          sst_address: tuple[str, int] | None, bootstrap: bool) -> int:
     """Serve write-sets from DATADIR/galera.cache to joiners by IST, snapshots of the state by SST, and take
     writes (the writer of the cluster)."""
     if sst is None and ctx.get_parameter_source("sst") is click.core.ParameterSource.DEFAULT:
         sst = (listen[0], DEFAULT_SST_PORT)
     cfg = DaemonConfig(datadir=datadir, name=name, options=load_options(provider_options), applier=applier,
-                       listen=listen, api=api, bootstrap=bootstrap, sst=sst)
+                       listen=listen, api=api, bootstrap=bootstrap, sst=sst, sst_advertise=sst_address)
     return _run(cfg, "donor")
 
 

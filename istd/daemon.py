@@ -53,6 +53,7 @@ class DaemonConfig:
     follow: bool = False
     retries: int = 5
     sst: tuple[str, int] | None = None  # where the donor serves SST; None: it does not
+    sst_advertise: tuple[str, int] | None = None  # the SST address joiners are told, if not `sst`
     ist_only: bool = False
     # istd node (cluster mode)
     address: str = "127.0.0.1"
@@ -142,6 +143,8 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
                 ports["ist"] = await _listen("IST", server.serve, nursery, cfg.listen[0], cfg.listen[1])
                 if cfg.sst is not None:
                     ports["sst"] = await _serve_sst(node, server, api_node, nursery, cfg.sst)
+                    if cfg.sst_advertise is not None:
+                        server.sst_advertise = "{}:{}".format(*cfg.sst_advertise)
                 if cfg.api:
                     ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
                 task_status.started(ports)

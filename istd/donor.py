@@ -163,6 +163,7 @@ class IstServer:
         self.on_close: Callable[[int], None] | None = None
         self.sst: SstServer | None = None  # where this node serves SST, if it does
         self.sst_host = ""
+        self.sst_advertise = ""  # HOST:PORT joiners are told for SST instead of the listener's
         self.counters = {"istd_ist_served": 0, "istd_ist_failed": 0, "istd_ist_refused": 0,
                          "istd_ist_sent_writesets": 0, "istd_ist_sent_bytes": 0}
 
@@ -188,6 +189,7 @@ class IstServer:
                 # a wildcard listener: the joiner uses the host it reached this donor at
                 host = "" if self.sst_host in ("", "0.0.0.0", "::") else self.sst_host
                 sst_address = f"[{host}]:{self.sst.port}" if ":" in host else f"{host}:{self.sst.port}"
+                sst_address = self.sst_advertise or sst_address
             else:
                 sst_refusal = refusal
         return decide_ist(hs, donor_uuid=node.uuid, donor_last=node.last_committed,
@@ -329,6 +331,8 @@ class _Sender:
                     response = self.server.decide(hs)
                     await self._send(response)
                     return
+            if self.server.sst is not None:  # this joiner's IST holds its own lock now: end the SST's
+                self.server.sst.release(hs.node_name)
             await self._send(response)
             ok = await self._next_event()
             if not isinstance(ok, Ctrl) or ok.code != C_OK:

@@ -38,7 +38,7 @@ from istd.applier import ApplyError
 from istd.apply_worker import ERROR_LEN, REPLY, encode_request, encode_segment_request
 from istd.errors import IstError, ProtocolError, RemoteProtocolError
 from istd.node import LocalNode
-from istd.sst import SnapshotInvalid, SnapshotRefused, SstClient
+from istd.sst import SnapshotRefused, SstClient
 from istd.states import NodeState
 from istd.trioutil import PEER_ERRORS, describe, unwrap
 from protocol import (
@@ -298,7 +298,7 @@ class Joiner:
                 raise JoinFailed(f"{exc}; the position {node.gtid} is kept", exitcodes.REFUSED) from None
             except Exception as exc:
                 err = unwrap(exc)
-                if not isinstance(err, PEER_ERRORS | SnapshotInvalid):
+                if not isinstance(err, PEER_ERRORS):
                     raise
                 log.warning(f"SST from {donor} failed: {_connect_hint(donor, err)}; the local state is untouched",
                             donor=donor, error=describe(err), attempt=attempt + 1)

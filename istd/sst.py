@@ -161,25 +161,32 @@ def make_snapshot(db: Path, dest: Path) -> tuple[uuid.UUID, int]:
 
     SQLite's online backup in one step runs under one read transaction: with the WAL journal the writer is
     never blocked, and the copy is the database as of one commit, position included."""
-    dest.unlink(missing_ok=True)
+    remove_snapshot(dest)
     try:
         src = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
         try:
             dst = sqlite3.connect(dest)
             try:
                 src.backup(dst)
+                # one self-contained file (no -wal beside it); the joiner's applier turns WAL on again
+                dst.execute("PRAGMA journal_mode = DELETE")
             finally:
                 dst.close()
         finally:
             src.close()
         position = read_position(dest)
     except sqlite3.Error as exc:
-        dest.unlink(missing_ok=True)
+        remove_snapshot(dest)
         raise IstError(f"cannot take a snapshot of {db}: {exc}") from exc
     if position is None:
         dest.unlink(missing_ok=True)
         raise IstError(f"the state {db} has no position: nothing to send")
     return position
+
+
+def remove_snapshot(path: Path) -> None:
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        p.unlink(missing_ok=True)
 
 
 def verify_snapshot(path: Path, begin: SstBegin) -> None:
@@ -218,6 +225,7 @@ class SstServer:
                          "istd_sst_sent_bytes": 0}
         self._desyncs = 0
         self._nursery: trio.Nursery | None = None
+        self._holds: dict[str, trio.CancelScope] = {}  # joiner name -> the task keeping its next seqno pinned
 
     def refusal(self) -> str | None:
         """Why this node cannot serve SST now, or None."""
@@ -260,14 +268,14 @@ class SstServer:
             except Exception as exc:  # one bad connection never takes down the listener
                 err = unwrap(exc)
                 self.counters["istd_sst_failed"] += 1
-                if isinstance(err, PEER_ERRORS | IstError):
+                if isinstance(err, PEER_ERRORS):
                     log.warning(f"SST to {peer} failed: {describe(err)}", error=describe(err))
                     await _send_error(stream, conn, err)
                 else:
                     log.exception(f"SST to {peer} failed: internal error", error=repr(err))
             finally:
                 self.active.pop(conn_id, None)
-                tmp.unlink(missing_ok=True)
+                remove_snapshot(tmp)
                 await trio.aclose_forcefully(stream)
 
     async def _serve_one(self, stream: trio.SocketStream, conn: IstConnection, conn_id: int, peer: str,
@@ -295,7 +303,7 @@ class SstServer:
                 nursery.start_soon(self._keepalives, stream, conn)
                 cluster_uuid, seqno = await trio.to_thread.run_sync(make_snapshot, db, tmp)
                 nursery.cancel_scope.cancel()
-            self._hold(seqno + 1)
+            self._hold(request.node_name, seqno + 1)
             progress = Progress(peer, total=tmp.stat().st_size, started=time.monotonic(),
                                 position=f"{cluster_uuid}:{seqno}")
             self.active[conn_id] = progress
@@ -350,8 +358,9 @@ class SstServer:
             self.node.shift(NodeState.JOINED)
             self.node.shift(NodeState.SYNCED)
 
-    def _hold(self, seqno: int) -> None:
-        """Pin ``seqno`` (the first the joiner will ask by IST) in the gcache for IST_HOLD_SECONDS."""
+    def _hold(self, joiner: str, seqno: int) -> None:
+        """Pin ``seqno`` (the first the joiner will ask by IST) in the gcache until that joiner's IST request
+        (``release``), at most IST_HOLD_SECONDS."""
         gcache = self.node.gcache
         target = min(seqno, gcache.seqno_max)
         if self._nursery is None or target < 0 or target < gcache.seqno_min:
@@ -360,15 +369,27 @@ class SstServer:
             gcache.lock(target)
         except SeqnoNotInCache:
             return
+        self.release(joiner)
+        scope = trio.CancelScope()
+        self._holds[joiner] = scope
 
-        async def release() -> None:
+        async def hold() -> None:
             try:
-                await trio.sleep(IST_HOLD_SECONDS)
+                with scope:
+                    await trio.sleep(IST_HOLD_SECONDS)
             finally:
+                if self._holds.get(joiner) is scope:
+                    del self._holds[joiner]
                 if not gcache.closed:
                     gcache.unlock(target)
 
-        self._nursery.start_soon(release)
+        self._nursery.start_soon(hold)
+
+    def release(self, joiner: str) -> None:
+        """The joiner's IST has locked what it needs (or it asks for a new snapshot): end its hold."""
+        scope = self._holds.pop(joiner, None)
+        if scope is not None:
+            scope.cancel()
 
 
 async def _next_event(stream: trio.SocketStream, conn: IstConnection) -> Any:
@@ -438,7 +459,7 @@ class SstClient:
                 finally:
                     await trio.aclose_forcefully(stream)
         except BaseException:
-            path.unlink(missing_ok=True)
+            remove_snapshot(path)
             raise
 
     async def _receive(self, stream: trio.SocketStream, donor: str, path: Path) -> Snapshot:
