@@ -504,7 +504,12 @@ class SstClient:
 
     async def _event(self, stream: trio.SocketStream, conn: IstConnection, donor: str) -> Any:
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                if conn.peer_closed:  # cut mid-frame: the link failed, the donor did nothing wrong
+                    raise trio.BrokenResourceError(f"donor {donor} closed the SST connection: {exc}") from exc
+                raise
             if event is NEED_DATA:
                 with trio.fail_after(self.idle_timeout):
                     conn.receive_data(await stream.receive_some(RECV_CHUNK_BYTES))

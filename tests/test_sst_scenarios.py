@@ -181,3 +181,29 @@ def test_ist_only_refusal_leaves_the_state_untouched(tmp_path: Path) -> None:
         assert f"IST first seqno {FIRST + 1} not found from cache" in last and "--ist-only forbids SST" in last
         assert digest(joiner.datadir) == before
         assert f"seqno:   {FIRST}\n" in (joiner.datadir / "grastate.dat").read_text()
+
+
+def test_sst_cut_half_way_leaves_the_old_state_and_a_retry_succeeds(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c, contextlib.ExitStack() as stack:
+        donor = c.donor("donor", "--bootstrap", "--provider-options", "gcache.size=1M")
+        sst_link = stack.enter_context(proxy(c.host(), (donor.host, int(donor.sst_port or 0)), None, armed=False))
+        donor.args = (*donor.args, "--sst-address", sst_link.address)
+        donor.start()
+        donor.wait_synced()
+        load(donor, FIRST, size=ROW_BYTES)
+        joiner = _joiner_at_first(c, donor)
+        before, grastate = digest(joiner.datadir), (joiner.datadir / "grastate.dat").read_text()
+        load(donor, 12_000, size=ROW_BYTES)  # IST impossible: SST
+        sst_link.cut_after, sst_link.armed = 1_000_000, True  # about a quarter of the snapshot
+        proc = run_istd("joiner", "--datadir", str(joiner.datadir), "--donor", donor.ist, "--retries", "0",
+                        "--api-listen", "none", check=False)
+        assert sst_link.cuts == 1
+        assert proc.returncode == exitcodes.UNREACHABLE, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("istd: error: SST from ") and f":{FIRST} is kept" in last, last
+        assert digest(joiner.datadir) == before
+        assert (joiner.datadir / "grastate.dat").read_text() == grastate
+        assert not any(p.name.endswith((".sst", ".sst-wal", ".sst-shm")) for p in joiner.datadir.iterdir())
+        again = c.joiner("joiner", donor).start()
+        assert again.wait_exit() == exitcodes.OK, again.log()
+        assert digest(again.datadir) == digest(donor.datadir)
