@@ -40,6 +40,7 @@ class Demo:
         self.group_port = group_port
         self.ist_port = ist_port
         self.api_port = api_port
+        self.sst_port = 4444
         self.count = count
         self.size = size
         self.donor_dir = workdir / "donor"
@@ -107,7 +108,8 @@ class Demo:
 
     def main(self) -> None:
         donor_args = ("donor", "--datadir", str(self.donor_dir), "--name", "donor", "--bootstrap",
-                      "--listen", f"{DONOR_HOST}:{self.ist_port}", "--api-listen", f"{DONOR_HOST}:{self.api_port}")
+                      "--listen", f"{DONOR_HOST}:{self.ist_port}", "--api-listen", f"{DONOR_HOST}:{self.api_port}",
+                      "--sst-listen", f"{DONOR_HOST}:{self.sst_port}")
         joiner_args = ("joiner", "--datadir", str(self.joiner_dir), "--name", "joiner",
                        "--donor", f"{DONOR_HOST}:{self.ist_port}", "--api-listen", f"{JOINER_HOST}:{self.api_port}")
         _say(f"Start a donor on {DONOR_HOST}: it bootstraps a new history (like --wsrep-new-cluster)")
@@ -153,6 +155,7 @@ class ClusterDemo(Demo):
         return ("node", "--name", f"node{i + 1}", "--datadir", str(self.workdir / f"node{i + 1}"),
                 "--address", self.HOSTS[i], "--peers", peers, "--writer", "node1", "--group-port",
                 str(self.group_port), "--ist-port", str(self.ist_port), "--api-port", str(self.api_port),
+                "--sst-port", str(self.sst_port),
                 "--provider-options", self.OPTIONS)
 
     def wait_all(self, procs: list[subprocess.Popen[str]], last: int | None = None) -> None:
@@ -231,9 +234,10 @@ class ClusterDemo(Demo):
 @click.option("--ist-port", type=click.IntRange(1, 65535), default=4568)
 @click.option("--api-port", type=click.IntRange(1, 65535), default=4580)
 @click.option("--group-port", type=click.IntRange(1, 65535), default=4567)
+@click.option("--sst-port", type=click.IntRange(1, 65535), default=4444)
 @click.option("--pair", is_flag=True, help="the donor/joiner pair instead of the three-node cluster")
 def demo(workdir: Path | None, count: int, size: int, ist_port: int, api_port: int, group_port: int,
-         pair: bool) -> None:
+         sst_port: int, pair: bool) -> None:
     """Three nodes on 127.0.0.1-3; node3 is stopped, misses writes, and comes back by IST (no Docker needed).
 
     With --pair: a donor and a joiner, the joiner catching up by IST twice."""
@@ -243,10 +247,10 @@ def demo(workdir: Path | None, count: int, size: int, ist_port: int, api_port: i
         raise click.ClickException(f"--workdir {root} is not empty; give a new or empty directory")
     root.mkdir(parents=True, exist_ok=True)
     try:
-        if pair:
-            Demo(root, ist_port, api_port, count, size).main()
-        else:
-            ClusterDemo(root, ist_port, api_port, count, size, group_port).main()
+        story = Demo(root, ist_port, api_port, count, size) if pair else \
+            ClusterDemo(root, ist_port, api_port, count, size, group_port)
+        story.sst_port = sst_port
+        story.main()
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
