@@ -1281,7 +1281,7 @@ def _parse_run(mv: memoryview, first: int) -> tuple[Sequence[int], list[int], by
     pads = blob[39::32]
     lens = list(map(sub, sizes, pads.translate(_PLUS24)))
     flags_lo = blob[28::32]
-    if (sum(sizes) != n
+    if (off != n  # the sizes add up to n (a zero size, which added n, fails min(lens) below)
             or blob[24::32].translate(None, _MULT8_BYTES)  # sizes are multiples of 8 (so offsets are)
             or pads.translate(None, _PAD_BYTES)
             or min(lens) < 0  # with the two checks above: every size >= 32

@@ -134,8 +134,9 @@ def baseline(total_bytes: int) -> float:
 
 
 def sqlite_ceiling(count: int, size: int) -> tuple[float, float]:
-    """Write-sets/s of (a) SQLite alone: executemany of the already-decoded rows with the applier's schema
-    and settings, and (b) istd's applier in one process (decode + the same SQL), on the same write-sets."""
+    """Write-sets/s of (a) SQLite alone: executemany of the already-decoded rows with the applier's schema,
+    settings and checkpoint thread, and (b) istd's applier in one process (decode + the same SQL), on the
+    same write-sets."""
     import uuid
 
     from istd.applier import SqliteApplier
@@ -149,10 +150,13 @@ def sqlite_ceiling(count: int, size: int) -> tuple[float, float]:
         conn = raw._require_open()
         start = time.perf_counter()
         for i in range(0, count, batch):
+            chunk = rows[i:i + batch]
             conn.execute("BEGIN")
             conn.executemany("INSERT INTO rows (tbl, key, value) VALUES (?2, ?3, ?4) "
-                                 "ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value", rows[i:i + batch])
+                                 "ON CONFLICT (tbl, key) DO UPDATE SET value = excluded.value", chunk)
             conn.execute("COMMIT")
+            # the applier's checkpoint thread, as after every apply(): the same WAL handling as istd
+            raw._checkpointer.committed(conn, sum(len(r[3]) for r in chunk))
         raw_rate = count / (time.perf_counter() - start)
         raw.close()
     with tempfile.TemporaryDirectory() as d:

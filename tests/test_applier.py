@@ -292,6 +292,25 @@ def test_position_and_data_survive_reopen(tmp_path: Path) -> None:
     b.close()
 
 
+def test_background_checkpoints_keep_the_wal_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint thread copies the WAL while batches are applied, and the WAL starts over: it stays
+    near two checkpoint intervals (the applying connection's own autocheckpoint would allow 128 MiB)."""
+    monkeypatch.setattr("istd.applier._CHECKPOINT_EVERY_BYTES", 256 << 10)
+    a = SqliteApplier(tmp_path)
+    wal = tmp_path / f"{STATE_DB_NAME}-wal"
+    largest = 0
+    for first in range(1, 8001, 400):  # ~8 MiB of rows, 20 commits of ~400 KiB
+        a.apply(U1, [(s, RECORD_TRX, synthetic(s, 1000)) for s in range(first, first + 400)])
+        largest = max(largest, wal.stat().st_size)
+    digest = a.digest()
+    a.close()
+    assert largest < 4 << 20
+    b = SqliteApplier(tmp_path)
+    assert b.position() == (U1, 8000)
+    assert b.digest() == digest
+    b.close()
+
+
 def test_unusable_store_is_an_apply_error(tmp_path: Path) -> None:
     (tmp_path / STATE_DB_NAME).write_bytes(b"this is not an sqlite database" * 100)
     with pytest.raises(ApplyError, match="unusable"):
