@@ -83,12 +83,18 @@ def test_node_rejoins_by_ist_from_a_follower_across_hosts(tmp_path: Path) -> Non
 
 
 def test_link_cut_mid_ist_resumes_without_loss_or_repeat(tmp_path: Path) -> None:
-    count = 100_000
+    # node3 leaves at `before`; Galera's safety gap (1/128 of the cached range) then still allows IST for
+    # `count` more: before >= 1 + (before + count - 1) >> 7
+    before, count = 1_000, 100_000
+    total = before + count
     with netns.network(3) as net:
         nodes = netns.cluster_nodes(net, tmp_path)
         node1, node2, node3 = nodes
         node3.options = STALL_OPTIONS
         netns.start_cluster(nodes, timeout=DEADLINE)
+        _load(net, node1.on, node1, before)
+        for n in nodes:
+            n.wait_synced(before, timeout=DEADLINE)
         assert node3.stop() == 0
         _load(net, node1.on, node1, count)  # distinct keys: a lost or repeated write-set changes the digest
         net.slow_link(node3.on, "32mbit")  # ~30 MB of IST takes several seconds: time to cut it in the middle
@@ -99,7 +105,7 @@ def test_link_cut_mid_ist_resumes_without_loss_or_repeat(tmp_path: Path) -> None
             st = node3.status() or {}
             committed = int(st.get("wsrep_last_committed", 0))
             receiving = st.get("wsrep_local_state_comment") == "Joining: receiving State Transfer"
-            return committed if receiving and count // 20 < committed < count // 2 else 0
+            return committed if receiving and before + count // 20 < committed < before + count // 2 else 0
 
         at_cut = wait_until(mid_transfer, "node3 5-50% through its IST", DEADLINE)
         net.cut_link(node3.on)
@@ -111,25 +117,25 @@ def test_link_cut_mid_ist_resumes_without_loss_or_repeat(tmp_path: Path) -> None
         finally:
             time.sleep(max(0.0, cut_at + CUT_SECONDS - time.monotonic()))  # a fixed-length cut, not a sync
             net.restore_link(node3.on)
-        _all_synced_and_equal(nodes, count)  # same position, same digest: nothing lost, nothing repeated
+        _all_synced_and_equal(nodes, total)  # same position, same digest: nothing lost, nothing repeated
 
         events = node3.events()
         stall = _stalls(events)[0]
         assert "timed out" in stall["error"], stall
         # the position is kept: what was received before the cut is not asked for again
         kept = int(stall.get("received_upto", stall.get("position", -1)))
-        assert at_cut <= kept < count, (at_cut, stall)
+        assert at_cut <= kept < total, (at_cut, stall)
         after = events[events.index(stall) + 1:]
         resumed = [e for e in after if str(e.get("event", "")).startswith(("Resuming IST from ", "Receiving IST: "))]
         assert resumed, _messages(after)
         again = resumed[0]
-        assert again["last"] == count and again["donor"] in (node2.ist, node1.ist), again
+        assert again["last"] == total and again["donor"] in (node2.ist, node1.ist), again
         if "received_upto" in stall:  # the IST connection noticed first: the joiner resumes in place
-            assert again["event"] == f"Resuming IST from {stall['donor']}: seqnos {kept + 1}-{count}", again
+            assert again["event"] == f"Resuming IST from {stall['donor']}: seqnos {kept + 1}-{total}", again
         else:  # the replication connection noticed first: node3 rejoins from the position it kept
-            assert kept < again["first"] <= count, (stall, again)
+            assert kept < again["first"] <= total, (stall, again)
         assert all(e["first"] > at_cut for e in resumed), resumed
-        assert any(m.startswith("IST received: ") and m.endswith(f":{count}") for m in _messages(after))
+        assert any(m.startswith("IST received: ") and m.endswith(f":{total}") for m in _messages(after))
 
 
 def test_flow_control_pauses_the_writer_for_a_slow_host(tmp_path: Path) -> None:
