@@ -168,6 +168,34 @@ def _digest(conn: sqlite3.Connection, path: Path) -> str:
     return h.hexdigest()
 
 
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a state database (never creates one, never writes)."""
+    return sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+
+
+def _position_in(conn: sqlite3.Connection, path: Path) -> tuple[uuid.UUID, int] | None:
+    row = conn.execute("SELECT uuid, seqno FROM wsrep_position WHERE id = 0").fetchone()
+    if row is None:
+        return None
+    try:
+        return uuid.UUID(row[0]), int(row[1])
+    except (ValueError, TypeError) as exc:
+        raise ApplyError(f"state store {path}: bad position {row!r}") from exc
+
+
+def read_position(path: Path) -> tuple[uuid.UUID, int] | None:
+    """The position stored in a state database file, read-only: an SST snapshot, or a store another process
+    applies to. ApplyError when the file is not a state database or its position is malformed."""
+    try:
+        conn = connect_read_only(path)
+        try:
+            return _position_in(conn, path)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise ApplyError(f"cannot read the position in {path}: {exc}") from exc
+
+
 class SqliteApplier:
     """Rows and position in one SQLite file, ``DATADIR/istd-state.sqlite``.
 
@@ -218,13 +246,7 @@ class SqliteApplier:
         self._checkpointer = _Checkpointer(self.path)
 
     def _read_position(self, conn: sqlite3.Connection) -> tuple[uuid.UUID, int] | None:
-        row = conn.execute("SELECT uuid, seqno FROM wsrep_position WHERE id = 0").fetchone()
-        if row is None:
-            return None
-        try:
-            return uuid.UUID(row[0]), int(row[1])
-        except (ValueError, TypeError) as exc:
-            raise ApplyError(f"state store {self.path}: bad position {row!r}") from exc
+        return _position_in(conn, self.path)
 
     def _require_open(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -320,7 +342,7 @@ class SqliteApplier:
         """(position, digest) read in one transaction on a connection of its own: callable from any thread
         without waiting for (or holding up) the applying connection."""
         try:
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn = connect_read_only(self.path)
         except sqlite3.Error as exc:
             raise ApplyError(f"cannot open {self.path} to read: {exc}") from exc
         try:

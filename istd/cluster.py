@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,15 +41,14 @@ from istd.donor import IstServer, safe_ist_seqno
 from istd.errors import IstError
 from istd.grastate import ZERO_UUID
 from istd.http import FlowControlPaused, NotWriter
-from istd.joiner import EventReader, Joiner, JoinFailed, Refused, SstGranted
+from istd.joiner import EventReader, Joiner, JoinFailed, Refused
 from istd.node import LocalNode
 from istd.states import NodeState
-from istd.trioutil import PEER_ERRORS, describe, unwrap
+from istd.trioutil import PEER_ERRORS, describe, next_event, unwrap
 from protocol import (
     C_EOF,
     C_FC_CONT,
     C_FC_STOP,
-    NEED_DATA,
     SUPPORTED_VERSIONS,
     Accept,
     ConnectionClosed,
@@ -308,8 +306,7 @@ class Cluster:
                 try:
                     conn = IstConnection(Role.JOINER)
                     await stream.send_all(conn.send(StatusRequest(json.dumps(payload).encode())))
-                    while (event := conn.next_event()) is NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
+                    event = await next_event(stream, conn)
                 finally:
                     await trio.aclose_forcefully(stream)
             if not isinstance(event, Status):
@@ -415,13 +412,9 @@ class Cluster:
         log.info(f"IST is impossible: {why}; full state transfer (SST) needed", reason=why)
         await self.announce(f"Member {self.index(node.name)}.0 ({node.name}) requested state transfer from '{want}'. "
                             f"Selected {self.index(donor.name)}.0 ({donor.name})(SYNCED) as donor.")
-        writer = self.writer_member()
-        response = HandshakeResponse(granted=TransferKind.SST, version=1, reason=RefusalReason.NONE,
-                                     donor_uuid=uuid.UUID(donor.uuid), first=0, last=donor.last_committed,
-                                     cached_downto=donor.cached_downto, safe_ist_seqno=-1,
-                                     donor_last=writer.last_committed if writer else donor.last_committed,
-                                     message=why, sst_address=donor.sst)
-        await joiner.state_transfer(SstGranted(_hostport(donor.ist), response))
+        writer = self.writer_member() or donor
+        await joiner.state_transfer(_hostport(donor.sst), ist_donor=_hostport(donor.ist), reason=why,
+                                    group=f"{writer.uuid}:{writer.last_committed}")
         self._sst_donor = donor.name
         await self.announce(f"{self.index(node.name)}.0 ({node.name}): State transfer from "
                             f"{self.index(donor.name)}.0 ({donor.name}) complete.")
@@ -458,7 +451,6 @@ class Cluster:
     async def _follow_attempt(self, joiner: Joiner) -> None:
         """One join: the IST-or-SST decision (and the SST, while no apply worker runs), then replication with
         the joiner's apply worker, until the link fails."""
-        node = self.node
         await self.probe_all()
         why = self.ist_impossible(joiner.received_upto)
         if why is not None:
@@ -467,11 +459,7 @@ class Cluster:
             nursery.start_soon(joiner.apply_loop, nursery.cancel_scope)
             nursery.start_soon(joiner.progress_loop)
             await self._follow_once(joiner)
-        if joiner._apply_error is not None:
-            raise JoinFailed(f"applying write-sets failed, the node must not continue: {joiner._apply_error}",
-                             exitcodes.LOCAL_STATE)
-        if node.state is NodeState.INCONSISTENT:
-            raise JoinFailed("the node is inconsistent and must not continue", exitcodes.LOCAL_STATE)
+        joiner.check_applied()
 
     async def _follow_once(self, joiner: Joiner) -> None:
         node = self.node
@@ -479,8 +467,7 @@ class Cluster:
         self._pending.clear()
         self._pending_count = self._pending_bytes = 0
         self._ist_running = False
-        await self.probe_all()
-        writer = self.writer_member()
+        writer = self.writer_member()  # the view _follow_attempt (or the SST's announcement) just refreshed
         if writer is None:
             raise JoinFailed("no writer reachable among the peers: is the bootstrapped node running?", 3)
         host, port = _hostport(writer.group)

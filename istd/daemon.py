@@ -143,8 +143,7 @@ async def run(cfg: DaemonConfig, role: str, *, task_status: Any = trio.TASK_STAT
                 ports["ist"] = await _listen("IST", server.serve, nursery, cfg.listen[0], cfg.listen[1])
                 if cfg.sst is not None:
                     ports["sst"] = await _serve_sst(node, server, api_node, nursery, cfg.sst)
-                    if cfg.sst_advertise is not None:
-                        server.sst_advertise = "{}:{}".format(*cfg.sst_advertise)
+                    server.sst_advertise = cfg.sst_advertise
                 if cfg.api:
                     ports["api"] = await _listen("the API", serve_api, nursery, api_node, *cfg.api)
                 task_status.started(ports)

@@ -28,15 +28,14 @@ import structlog
 import trio
 
 from gcache import Record
-from istd.errors import IstError, ProtocolError, SeqnoNotInCache
+from istd.errors import ProtocolError, SeqnoNotInCache
 from istd.grastate import ZERO_UUID
 from istd.node import TO_RECORD_TYPES, LocalNode
 from istd.sst import SstServer
-from istd.trioutil import PEER_ERRORS, describe, unwrap
+from istd.trioutil import PEER_ERRORS, describe, next_event, peer_url, send_error, unwrap
 from protocol import (
     C_EOF,
     C_OK,
-    NEED_DATA,
     SUPPORTED_VERSIONS,
     Accept,
     ConnectionClosed,
@@ -61,8 +60,6 @@ log = structlog.get_logger("istd.donor")
 # Galera's donor-selection safety gap (gcs_group.cpp): 1/128 of the cached range, at most 2^20 seqnos.
 SAFETY_GAP_SHIFT = 7
 SAFETY_GAP_MAX_SEQNOS = 1 << 20
-# Bytes read from a socket per receive_some: big enough that a 1 MiB frame takes a handful of calls.
-RECV_CHUNK_BYTES = 1 << 20
 # The first batch of a transfer asks for this many records; later batches adapt to the record size.
 FIRST_BATCH_RECORDS = 256
 MAX_BATCH_RECORDS = 1 << 16
@@ -163,7 +160,7 @@ class IstServer:
         self.on_close: Callable[[int], None] | None = None
         self.sst: SstServer | None = None  # where this node serves SST, if it does
         self.sst_host = ""
-        self.sst_advertise = ""  # HOST:PORT joiners are told for SST instead of the listener's
+        self.sst_advertise: tuple[str, int] | None = None  # told to joiners for SST instead of the listener's
         self.counters = {"istd_ist_served": 0, "istd_ist_failed": 0, "istd_ist_refused": 0,
                          "istd_ist_sent_writesets": 0, "istd_ist_sent_bytes": 0}
 
@@ -187,9 +184,9 @@ class IstServer:
             refusal = self.sst.refusal()
             if refusal is None:
                 # a wildcard listener: the joiner uses the host it reached this donor at
-                host = "" if self.sst_host in ("", "0.0.0.0", "::") else self.sst_host
-                sst_address = f"[{host}]:{self.sst.port}" if ":" in host else f"{host}:{self.sst.port}"
-                sst_address = self.sst_advertise or sst_address
+                host, port = self.sst_advertise or (self.sst_host, self.sst.port)
+                host = "" if host in ("", "0.0.0.0", "::") else host
+                sst_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             else:
                 sst_refusal = refusal
         return decide_ist(hs, donor_uuid=node.uuid, donor_last=node.last_committed,
@@ -204,11 +201,7 @@ class IstServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn_id = next(_conn_ids)
-        try:
-            peer_host, peer_port = stream.socket.getpeername()[:2]
-            peer = f"tcp://{peer_host}:{peer_port}"
-        except OSError:
-            peer = "tcp://?"
+        peer = peer_url(stream)
         with structlog.contextvars.bound_contextvars(role="donor", peer=peer, conn_id=conn_id):
             sender = _Sender(self, stream, conn_id, peer)
             try:
@@ -248,12 +241,7 @@ class _Sender:
     # --------------------------------------------------------------- io helpers
 
     async def _next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                return event
-            data = await self.stream.receive_some(RECV_CHUNK_BYTES)
-            self.conn.receive_data(data)
+        return await next_event(self.stream, self.conn)
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
@@ -261,14 +249,7 @@ class _Sender:
             await self.stream.send_all(data)
 
     async def send_error(self, exc: BaseException) -> None:
-        code = getattr(exc, "error_code", None)
-        if code is None or code >= 0:
-            return
-        with trio.move_on_after(1):
-            try:
-                await self.stream.send_all(self.conn.send(Ctrl(code)))
-            except (IstError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        await send_error(self.stream, self.conn, exc)
 
     def release(self) -> None:
         if self.locked is not None:

@@ -40,11 +40,10 @@ from istd.errors import IstError, ProtocolError, RemoteProtocolError
 from istd.node import LocalNode
 from istd.sst import SnapshotRefused, SstClient
 from istd.states import NodeState
-from istd.trioutil import PEER_ERRORS, describe, unwrap
+from istd.trioutil import PEER_ERRORS, describe, next_event, unwrap
 from protocol import (
     C_EOF,
     C_OK,
-    NEED_DATA,
     SUPPORTED_VERSIONS,
     Accept,
     ConnectionClosed,
@@ -62,7 +61,6 @@ from protocol import Connection as IstConnection
 
 log = structlog.get_logger("istd.joiner")
 
-RECV_CHUNK_BYTES = 1 << 20
 # Galera logs IST progress at most every 10 s (gu_progress.hpp), and at the start and the end.
 PROGRESS_INTERVAL_SECONDS = 10.0
 FIRST_BACKOFF_SECONDS = 0.2
@@ -270,24 +268,32 @@ class Joiner:
                     nursery.cancel_scope.cancel()
             if failure is not None:
                 raise failure
-            if self._apply_error is not None:
-                raise JoinFailed(f"applying write-sets failed, the node must not continue: {self._apply_error}",
-                                 exitcodes.LOCAL_STATE)
+            self.check_applied()
             if sst is None:
                 return exitcodes.OK
-            await self.state_transfer(sst)
+            response = sst.response
+            await self.state_transfer(sst.sst, ist_donor=sst.donor, reason=response.message,
+                                      group=f"{response.donor_uuid}:{response.donor_last}")
 
-    async def state_transfer(self, grant: SstGranted) -> None:
-        """Receive a snapshot from the granting donor's SST port and install it; retried with backoff. On
-        failure the local state and its position are as they were (the partial snapshot is removed)."""
+    def check_applied(self) -> None:
+        """JoinFailed (exit 6, final) if applying failed: the node must not go on."""
+        if self._apply_error is not None:
+            raise JoinFailed(f"applying write-sets failed, the node must not continue: {self._apply_error}",
+                             exitcodes.LOCAL_STATE)
+
+    async def state_transfer(self, sst: tuple[str, int], *, ist_donor: tuple[str, int], reason: str,
+                             group: str) -> None:
+        """Receive a snapshot from the SST address ``sst`` and install it; retried with backoff. On failure the
+        local state and its position are as they were (the partial snapshot is removed). Afterwards the IST
+        goes to ``ist_donor`` first (the snapshot's donor keeps its next seqno in its gcache). ``reason``
+        (why IST is impossible) and ``group`` (the group's uuid:seqno) are for the log."""
         node = self.node
-        host, port = grant.sst
+        host, port = sst
         donor = f"{host}:{port}"
         node.shift(NodeState.JOINING_RECEIVING)
-        log.info(f"State transfer required: \n\tGroup state: {grant.response.donor_uuid}:{grant.response.donor_last}"
-                 f"\n\tLocal state: {node.gtid}", group_uuid=str(grant.response.donor_uuid),
-                 group_seqno=grant.response.donor_last, local_seqno=node.last_committed)
-        log.info(f"Requesting SST from {donor}: {grant.response.message}", donor=donor)
+        log.info(f"State transfer required: \n\tGroup state: {group}\n\tLocal state: {node.gtid}",
+                 group=group, local_seqno=node.last_committed)
+        log.info(f"Requesting SST from {donor}: {reason}", donor=donor)
         backoff = FIRST_BACKOFF_SECONDS
         for attempt in range(self.retries + 1):
             try:
@@ -300,7 +306,8 @@ class Joiner:
                 err = unwrap(exc)
                 if not isinstance(err, PEER_ERRORS):
                     raise
-                log.warning(f"SST from {donor} failed: {_connect_hint(donor, err)}; the local state is untouched",
+                log.warning(f"SST from {donor} failed: {_connect_hint(donor, err, sst=True)}; the local state is "
+                            "untouched",
                             donor=donor, error=describe(err), attempt=attempt + 1)
                 if attempt == self.retries:
                     node.shift(NodeState.TRANSFER_FAILED)
@@ -317,8 +324,7 @@ class Joiner:
         self.target = None
         self.progress = None
         self.caught_up = trio.Event()
-        # IST from S+1 on the same donor first: it keeps S+1 in its gcache for this
-        self.donors = [grant.donor] + [d for d in self.donors if d != grant.donor]
+        self.donors = [ist_donor] + [d for d in self.donors if d != ist_donor]
 
     async def catch_up(self) -> None:
         failed_rounds = 0
@@ -464,7 +470,7 @@ class Joiner:
     def _accept(self) -> Accept:
         """Galera's joiner rules: an unknown position takes SST only; otherwise IST, with SST as the fallback
         (unless ist_only)."""
-        if not self.node.position_known and self.received_upto < 0:
+        if not self.node.position_known:
             return Accept.SST
         return Accept.IST if self.ist_only else Accept.IST | Accept.SST
 
@@ -691,13 +697,7 @@ class EventReader:
         self.idle_timeout = idle_timeout
 
     async def event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                return event
-            with trio.fail_after(self.idle_timeout):
-                data = await self.stream.receive_some(RECV_CHUNK_BYTES)
-            self.conn.receive_data(data)
+        return await next_event(self.stream, self.conn, self.idle_timeout)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -713,16 +713,22 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _connect_hint(donor: str, err: BaseException) -> str:
+_IST_FIX = ("Is `istd donor` running on that host with --listen on that port (default 4568)? "
+            "Check the --donor address and port")
+_SST_FIX = ("The donor gave this SST address: check its --sst-listen (default port 4444) and --sst-address, "
+            "and that a firewall lets the port through")
+
+
+def _connect_hint(donor: str, err: BaseException, *, sst: bool = False) -> str:
     err = _root_cause(unwrap(err))
+    fix = _SST_FIX if sst else _IST_FIX
     if isinstance(err, ConnectionRefusedError):
-        return (f"{donor}: connection refused: nothing listens there. Is `istd donor` running on that host with "
-                "--listen on that port (default 4568)? Check the --donor address and port")
+        return f"{donor}: connection refused: nothing listens there. {fix}"
     if isinstance(err, trio.TooSlowError):
         return (f"{donor}: no answer in time: the host may be down, the address wrong, or a firewall may drop "
-                "port traffic; check the --donor address and port")
+                f"port traffic. {fix}")
     if isinstance(err, OSError):
-        return f"{donor}: {describe(err)}; check the --donor address and port"
+        return f"{donor}: {describe(err)}. {fix}"
     return f"{donor}: {describe(err)}"
 
 

@@ -29,7 +29,7 @@ import trio
 from gcache import CCHANGE, WRITESET, GCache
 from istd import __version__
 from istd import grastate as gs
-from istd.applier import STATE_DB_NAME, Applier, open_applier
+from istd.applier import STATE_DB_NAME, Applier, open_applier, read_position
 from istd.config import ProviderOptions
 from istd.errors import IstError, StateError
 from istd.states import NodeState
@@ -213,8 +213,6 @@ class LocalNode:
         history and grastate.dat the new uuid. Before the rename a crash leaves the old state with its own
         position; after it, the snapshot with its own.
         """
-        from istd.sst import read_position  # the snapshot file's position, read like the applier's
-
         if read_position(snapshot) != (cluster_uuid, seqno):
             raise StateError(f"snapshot {snapshot} is not at {cluster_uuid}:{seqno}: not installed")
         db = self.datadir / STATE_DB_NAME

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import sqlite3
 import time
@@ -34,13 +33,13 @@ from typing import Any
 import structlog
 import trio
 
-from istd.applier import STATE_DB_NAME
+from istd.applier import STATE_DB_NAME, ApplyError, connect_read_only, read_position
 from istd.errors import IstError, ProtocolError, RemoteProtocolError, SeqnoNotInCache
 from istd.node import LocalNode
 from istd.states import NodeState
-from istd.trioutil import PEER_ERRORS, describe, unwrap
+from istd.trioutil import PEER_ERRORS, describe, next_event, peer_url, send_error, unwrap
+from protocol import Connection as IstConnection
 from protocol import (
-    NEED_DATA,
     ConnectionClosed,
     Ctrl,
     Keepalive,
@@ -50,17 +49,13 @@ from protocol import (
     SstEnd,
     SstRefused,
     SstRequest,
-    Status,
-    StatusRequest,
 )
-from protocol import Connection as IstConnection
 
 log = structlog.get_logger("istd.sst")
 
 DEFAULT_SST_PORT = 4444  # Galera's SST port (wsrep_sst_receive_address)
 SST_FORMAT = "sqlite"
 CHUNK_BYTES = 1 << 20
-RECV_CHUNK_BYTES = 1 << 20
 # Progress is logged at most this often (and at the start and the end), like Galera's IST progress.
 PROGRESS_INTERVAL_SECONDS = 10.0
 # After a snapshot at S the donor keeps S+1 pinned in its gcache this long: the joiner's IST from S+1
@@ -146,16 +141,6 @@ class _ProgressLog:
 # ---------------------------------------------------------------------------------------- files
 
 
-def read_position(db: Path) -> tuple[uuid.UUID, int] | None:
-    """The position stored in a state database file (the applier's ``wsrep_position``), read-only."""
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        row = conn.execute("SELECT uuid, seqno FROM wsrep_position WHERE id = 0").fetchone()
-    finally:
-        conn.close()
-    return None if row is None else (uuid.UUID(row[0]), int(row[1]))
-
-
 def make_snapshot(db: Path, dest: Path) -> tuple[uuid.UUID, int]:
     """A consistent copy of the state database at one position, while writes go on; returns the position.
 
@@ -163,7 +148,7 @@ def make_snapshot(db: Path, dest: Path) -> tuple[uuid.UUID, int]:
     never blocked, and the copy is the database as of one commit, position included."""
     remove_snapshot(dest)
     try:
-        src = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        src = connect_read_only(db)
         try:
             dst = sqlite3.connect(dest)
             try:
@@ -175,11 +160,11 @@ def make_snapshot(db: Path, dest: Path) -> tuple[uuid.UUID, int]:
         finally:
             src.close()
         position = read_position(dest)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ApplyError) as exc:
         remove_snapshot(dest)
         raise IstError(f"cannot take a snapshot of {db}: {exc}") from exc
     if position is None:
-        dest.unlink(missing_ok=True)
+        remove_snapshot(dest)
         raise IstError(f"the state {db} has no position: nothing to send")
     return position
 
@@ -192,13 +177,13 @@ def remove_snapshot(path: Path) -> None:
 def verify_snapshot(path: Path, begin: SstBegin) -> None:
     """The received file is a sound SQLite database at the position SST_BEGIN announced."""
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = connect_read_only(path)
         try:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
         finally:
             conn.close()
         position = read_position(path)
-    except (sqlite3.Error, ValueError) as exc:
+    except (sqlite3.Error, ApplyError) as exc:
         raise SnapshotInvalid(f"the snapshot is not a usable state database: {exc}") from exc
     if check != "ok":
         raise SnapshotInvalid(f"the snapshot fails SQLite's quick_check: {check}")
@@ -240,7 +225,8 @@ class SstServer:
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {**self.counters, "istd_sst_active_transfers": len(self.active)}
-        for progress in list(self.active.values())[:1]:
+        progress = next(iter(self.active.values()), None)  # the oldest transfer, if several run
+        if progress is not None:
             status.update(progress.status("istd_sst_send"))
         return status
 
@@ -255,11 +241,7 @@ class SstServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn_id = next(_conn_ids)
-        try:
-            peer_host, peer_port = stream.socket.getpeername()[:2]
-            peer = f"tcp://{peer_host}:{peer_port}"
-        except OSError:
-            peer = "tcp://?"
+        peer = peer_url(stream)
         tmp = self.node.datadir / f"istd-sst-{conn_id}.sqlite{SNAPSHOT_SUFFIX}"
         with structlog.contextvars.bound_contextvars(role="sst-donor", peer=peer, conn_id=conn_id):
             conn = IstConnection(Role.DONOR, max_frame_bytes=self.max_frame_bytes)
@@ -270,7 +252,7 @@ class SstServer:
                 self.counters["istd_sst_failed"] += 1
                 if isinstance(err, PEER_ERRORS):
                     log.warning(f"SST to {peer} failed: {describe(err)}", error=describe(err))
-                    await _send_error(stream, conn, err)
+                    await send_error(stream, conn, err)
                 else:
                     log.exception(f"SST to {peer} failed: internal error", error=repr(err))
             finally:
@@ -281,10 +263,7 @@ class SstServer:
     async def _serve_one(self, stream: trio.SocketStream, conn: IstConnection, conn_id: int, peer: str,
                          tmp: Path) -> None:
         with trio.fail_after(self.handshake_timeout):
-            request = await _next_event(stream, conn)
-        if isinstance(request, StatusRequest):  # `istd explain` may ask the SST port too
-            await stream.send_all(conn.send(Status(json.dumps({"member": {"sst": True}}).encode())))
-            return
+            request = await next_event(stream, conn)
         if not isinstance(request, SstRequest):
             raise RemoteProtocolError(f"expected SST_REQUEST, got {type(request).__name__}")
         who = request.node_name or peer
@@ -313,7 +292,7 @@ class SstServer:
             digest = await self._send_file(stream, conn, tmp, progress)
             await self._send(stream, conn, SstEnd(digest))
             with trio.move_on_after(self.idle_timeout):  # the joiner closes once it has it all
-                while not isinstance(await _next_event(stream, conn), ConnectionClosed):
+                while not isinstance(await next_event(stream, conn), ConnectionClosed):
                     pass
         finally:
             self._resync()
@@ -390,25 +369,6 @@ class SstServer:
         scope = self._holds.pop(joiner, None)
         if scope is not None:
             scope.cancel()
-
-
-async def _next_event(stream: trio.SocketStream, conn: IstConnection) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not NEED_DATA:
-            return event
-        conn.receive_data(await stream.receive_some(RECV_CHUNK_BYTES))
-
-
-async def _send_error(stream: trio.SocketStream, conn: IstConnection, exc: BaseException) -> None:
-    code = getattr(exc, "error_code", None)
-    if code is None or code >= 0:
-        return
-    with trio.move_on_after(1):
-        try:
-            await stream.send_all(conn.send(Ctrl(code)))
-        except (IstError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
 
 
 # ---------------------------------------------------------------------------------------- joiner
@@ -505,15 +465,11 @@ class SstClient:
     async def _event(self, stream: trio.SocketStream, conn: IstConnection, donor: str) -> Any:
         while True:
             try:
-                event = conn.next_event()
+                event = await next_event(stream, conn, self.idle_timeout)
             except RemoteProtocolError as exc:
                 if conn.peer_closed:  # cut mid-frame: the link failed, the donor did nothing wrong
                     raise trio.BrokenResourceError(f"donor {donor} closed the SST connection: {exc}") from exc
                 raise
-            if event is NEED_DATA:
-                with trio.fail_after(self.idle_timeout):
-                    conn.receive_data(await stream.receive_some(RECV_CHUNK_BYTES))
-                continue
             if isinstance(event, Keepalive):
                 continue
             if isinstance(event, ConnectionClosed):

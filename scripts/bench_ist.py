@@ -190,7 +190,8 @@ class Bench:
         with open(donor_log, "wb") as log:
             donor = subprocess.Popen(
                 istd("donor", "--datadir", str(donor_dir), "--applier", "none", "--listen", f"{self.host}:{port}",
-                     "--api-listen", "none", "--provider-options", donor_opts), stdout=log, stderr=subprocess.STDOUT)
+                     "--sst-listen", "none", "--api-listen", "none", "--provider-options", donor_opts),
+                stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
             while not any(e.get("event", "").startswith("IST listener open") for e in events(donor_log)):

@@ -143,6 +143,10 @@ class Daemon:
     def events(self) -> list[dict[str, Any]]:
         return log_events(self.log())
 
+    def messages(self) -> list[str]:
+        """The log's messages, in order."""
+        return [str(e.get("event", "")) for e in self.events()]
+
 
 class Cluster:
     """Creates daemons on distinct loopback addresses and stops them all at the end."""

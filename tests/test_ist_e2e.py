@@ -16,10 +16,6 @@ from .procs import Cluster, cluster, digest, load, run_istd, seed_joiner, wait_u
 pytestmark = pytest.mark.slow
 
 
-def _messages(daemon_events: list[dict]) -> list[str]:
-    return [e.get("event", "") for e in daemon_events]
-
-
 def test_100k_catch_up_with_equal_digests(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
         donor = c.donor("donor", "--bootstrap").start()
@@ -33,13 +29,13 @@ def test_100k_catch_up_with_equal_digests(tmp_path: Path) -> None:
         joiner_pos, joiner_digest = digest(joiner.datadir)
         assert donor_pos == joiner_pos and donor_pos.endswith(":100000")
         assert donor_digest == joiner_digest
-        messages = _messages(joiner.events())
+        messages = joiner.messages()
         assert any(m.startswith("Receiving IST: 100000 writesets, seqnos 1-100000") for m in messages)
         assert any(m.startswith("IST received: ") and m.endswith(":100000") for m in messages)
         assert "Receiving IST... 100.0% (100000/100000 events) complete." in messages
         grastate = (joiner.datadir / "grastate.dat").read_text()
         assert "seqno:   100000\n" in grastate
-        donor_messages = _messages(donor.events())
+        donor_messages = donor.messages()
         assert any(m.startswith("async IST sender starting to serve") and m.endswith("sending 1-100000")
                    for m in donor_messages)
         assert "async IST sender served" in donor_messages
@@ -83,7 +79,7 @@ def test_donor_killed_mid_transfer_second_donor_resumes(tmp_path: Path) -> None:
         first.stop(signal.SIGKILL)
         assert joiner.wait_exit() == exitcodes.OK, joiner.log()
         assert digest(joiner.datadir) == digest(second.datadir)
-        messages = _messages(joiner.events())
+        messages = joiner.messages()
         assert any(m.startswith("Resuming IST from " + second.ist) for m in messages), messages
 
 

@@ -13,10 +13,6 @@ from .procs import cluster, digest, load
 pytestmark = pytest.mark.slow
 
 
-def _messages(daemon_events: list[dict]) -> list[str]:
-    return [e.get("event", "") for e in daemon_events]
-
-
 def test_empty_joiner_gets_sst_then_ist_with_equal_digests(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
         donor = c.donor("donor", "--bootstrap").start()
@@ -25,7 +21,7 @@ def test_empty_joiner_gets_sst_then_ist_with_equal_digests(tmp_path: Path) -> No
         joiner = c.joiner("joiner", donor).start()
         assert joiner.wait_exit() == exitcodes.OK, joiner.log()
         assert digest(joiner.datadir) == digest(donor.datadir)
-        messages = _messages(joiner.events())
+        messages = joiner.messages()
         assert any(m.startswith("SST received: ") and m.endswith(":3000") for m in messages), messages
         assert any(m.startswith("Installed new state from SST: ") for m in messages)
         grastate = (joiner.datadir / "grastate.dat").read_text()

@@ -33,7 +33,6 @@ class CuttingProxy:
         self.cuts = 0
         self.server = socket.create_server((host, free_port(host)))
         self.address = "{}:{}".format(*self.server.getsockname()[:2])
-        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -49,9 +48,7 @@ class CuttingProxy:
             limit, self.armed = (self.cut_after if self.armed else None), False
             upstream = socket.create_connection(self.target)
             for src, dst, cap in ((client, upstream, None), (upstream, client, limit)):
-                t = threading.Thread(target=self._pipe, args=(src, dst, cap, (client, upstream)), daemon=True)
-                t.start()
-                self._threads.append(t)
+                threading.Thread(target=self._pipe, args=(src, dst, cap, (client, upstream)), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, cap: int | None, both: tuple[socket.socket, ...]) -> None:
         sent = 0
@@ -81,10 +78,6 @@ def proxy(host: str, target: tuple[str, int], cut_after: int | None, *, armed: b
         yield p
     finally:
         p.close()
-
-
-def _events(d: Daemon) -> list[str]:
-    return [str(e.get("event", "")) for e in d.events()]
 
 
 def _joiner_at_first(c: Cluster, donor: Daemon) -> Daemon:
@@ -126,14 +119,14 @@ def test_ist_or_sst_always_ends_in_equal_digests(tmp_path: Path, cache: str, gap
                 assert (sst_link.cuts if expect_sst else link.cuts) >= 1
         assert digest(joiner.datadir) == digest(donor.datadir)
         assert digest(joiner.datadir)[0].endswith(f":{FIRST + gap}")
-        messages = _events(joiner)
+        messages = joiner.messages()
         took_sst = any(m.startswith("SST received: ") for m in messages)
         assert took_sst == expect_sst, (cached_downto, messages)
         if expect_sst:
             assert any(m.startswith(f"IST impossible from {link.address}: IST first seqno {FIRST + 1} not found")
                        for m in messages), messages
             assert any(m.startswith(f"IST first seqno {FIRST + 1} not found from cache, falling back to SST")
-                       for m in _events(donor))
+                       for m in donor.messages())
         else:
             assert any(m.startswith(f"Receiving IST: {gap} writesets, seqnos {FIRST + 1}-{FIRST + gap}")
                        for m in messages), messages
@@ -160,7 +153,7 @@ def test_wrong_donor_address_keeps_the_position_and_the_next_start_gets_ist(tmp_
         again = c.joiner("joiner", donor)
         again.start()
         assert again.wait_exit() == exitcodes.OK, again.log()
-        messages = _events(again)
+        messages = again.messages()
         assert any(m.startswith(f"Receiving IST: 500 writesets, seqnos {FIRST + 1}-{FIRST + 500}") for m in messages)
         assert not any(m.startswith("SST received") for m in messages)
         assert digest(again.datadir) == digest(donor.datadir)
