@@ -234,6 +234,9 @@ class GCache:
         self._first = RING_START
         self._next = RING_START
         self._rollover: int | None = None
+        # Payload offsets of buffers reclaimed in runs whose headers are not yet marked discarded: the write
+        # that follows the allocation overwrites most of them, _mark_reclaimed() marks the rest.
+        self._unmarked: list[array[int]] = []
         self._base = 1
         self._lo = 0
         self._pos = array("q")
@@ -565,13 +568,17 @@ class GCache:
         self._first = f + size
         return True
 
-    def _ring_alloc(self, total: int, want: int) -> int | None:
+    def _ring_alloc(self, total: int, want: int, *, defer_marks: bool = False) -> int | None:
         """Find room for a ``total``-byte buffer at ``next``, reclaiming buffers at ``first`` as needed
         (preferably room for ``want`` bytes, so that a batch is written contiguously). Returns the header
-        offset, or None if locked seqnos leave no room."""
+        offset, or None if locked seqnos leave no room. ``defer_marks``: the caller copies whole records
+        (headers, payloads and padding) to the returned offset and then calls :meth:`_mark_reclaimed`, so
+        only reclaimed headers beyond its copy need marking (writers of single buffers leave their padding
+        unwritten, where a mark's bytes must stay as they would have been)."""
         mm = self._mm
         unpack = _SEQ_SIZE_S.unpack_from
         mark = BH_MARK.pack_into
+        self._mark_reclaimed(None)  # left by a write that failed half way (none normally)
         while True:
             f, n = self._first, self._next
             if f == n:
@@ -600,8 +607,11 @@ class GCache:
                     # the oldest cached seqno is here: reclaim the run of buffers that follow it at once
                     x = self._reclaimable_run(lo, f, target)
                     if x > lo + 1:
-                        for p in index[lo:x]:
-                            mark(mm, p - BH_SIZE, SEQNO_ILL, MAGIC_CTX)
+                        if defer_marks:
+                            self._unmarked.append(index[lo:x])
+                        else:
+                            for p in index[lo:x]:
+                                mark(mm, p - BH_SIZE, SEQNO_ILL, MAGIC_CTX)
                         f = index[x - 1] - BH_SIZE + ((self._len[x - 1] + 32) & -8)
                         lo = x
                         size = -1
@@ -631,11 +641,37 @@ class GCache:
             if blocked:
                 if f - start - BH_SIZE >= total:
                     break
+                self._mark_reclaimed(None)  # nothing is written to the ring: mark them all
                 return None
         if start != n:  # wrap: the zero header at next stays as the rollover mark
             self._rollover = n
             self._next = RING_START
         return start
+
+    def _mark_reclaimed(self, end: int | None) -> None:
+        """Mark discarded (seqno_g = -1, as Galera's discard does) the headers of reclaimed buffers that the
+        write which just ended at ``end`` (followed by its zero header) did not overwrite. Called after
+        every write to the ring. Until then, a reclaimed buffer is intact and valid: recovery after a
+        crash in between may find it again, a true record of this history, which is harmless. ``end`` None:
+        nothing was written, mark them all."""
+        if not self._unmarked:
+            return
+        mm = self._mm
+        mark = BH_MARK.pack_into
+        # The mark (seqno_g, ctx: 16 bytes) of a header at h >= end + 16 outlives the write and the zero header
+        # at end, exactly as if it had been marked before both; one at end + 16 overlaps that zero header,
+        # which is then written again.
+        keep = -1 if end is None else end + BH_SIZE + 16
+        overlap = False
+        for run in self._unmarked:
+            survivors = run[bisect.bisect_left(run, keep):]
+            for p in survivors:
+                mark(mm, p - BH_SIZE, SEQNO_ILL, MAGIC_CTX)
+            overlap = overlap or (end is not None and len(survivors) > 0 and survivors[0] < end + 2 * BH_SIZE)
+        self._unmarked.clear()
+        if overlap:
+            assert end is not None
+            mm[end:end + BH_SIZE] = ZERO_BH
 
     def _reclaimable_run(self, lo: int, f: int, target: int) -> int:
         """Index entry ``lo`` (the oldest cached) has its buffer at ``f``: the end x of the entries lo..x-1
@@ -935,7 +971,8 @@ class GCache:
                 t = sizes[i]
                 if i and not cum:
                     cum = list(accumulate(sizes, initial=0))
-                pos = self._ring_alloc(t, min(n - cum[i] if i else n, self._ring_size)) if t <= half else None
+                pos = (self._ring_alloc(t, min(n - cum[i] if i else n, self._ring_size), defer_marks=True)
+                       if t <= half else None)
                 if pos is None:
                     if not cum:
                         cum = list(accumulate(sizes, initial=0))
@@ -971,6 +1008,7 @@ class GCache:
                 mm = self._mm
                 mm[end:end + BH_SIZE] = ZERO_BH
                 mm[pos:end] = mv[a:b]  # headers included: a torn copy fails the torn record's crc
+                self._mark_reclaimed(end)
                 k = len(self._meta)
                 self._pos.fromlist(positions)
                 self._len.fromlist(lens[i:j])
@@ -1172,6 +1210,7 @@ class GCache:
         if not self._closed:
             self._closed = True
             if not self._readonly:
+                self._mark_reclaimed(None)
                 self._ring_state_for_close()
                 for page in list(self._pages):
                     self._delete_page(page)

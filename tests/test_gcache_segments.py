@@ -701,3 +701,43 @@ SegmentsMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_segments_model = SegmentsMachine.TestCase
+
+
+@pytest.mark.parametrize("run", [1, 2, 3, 5, 7, 11, 20])
+@pytest.mark.parametrize("step", [53, 97, 8])
+def test_import_defers_marks_with_the_same_bytes_as_marking_at_once(tmp_path: Path, run: int, step: int) -> None:
+    """import_segment marks discarded only the reclaimed headers its copy does not overwrite: the file ends
+    byte for byte as if every reclaimed header had been marked before the copy."""
+    sizes = [(k * step) % 300 for k in range(1, 400)]
+    src = new_cache(tmp_path / "src", size=1 << 20)
+    src.append_many([payload(k, n) for k, n in enumerate(sizes, 1)])
+    deferred, eager = new_cache(tmp_path / "a", size=4096), new_cache(tmp_path / "b", size=4096)
+    real_alloc = GCache._ring_alloc
+
+    def eager_alloc(self: GCache, total: int, want: int, *, defer_marks: bool = False) -> int | None:
+        return real_alloc(self, total, want)
+
+    real_mark = GCache._mark_reclaimed
+    deferred_runs = []
+
+    def counting_mark(self: GCache, end: int | None) -> None:
+        deferred_runs.extend(len(r) for r in self._unmarked)
+        real_mark(self, end)
+
+    for first in range(1, len(sizes) + 1, run):
+        last = min(first + run - 1, len(sizes))
+        (seg,) = src.export_segments(first, last)
+        assert seg.raw is not None
+        with mock.patch.object(GCache, "_mark_reclaimed", counting_mark):
+            deferred.import_segment(first, seg.raw)
+        with mock.patch.object(GCache, "_ring_alloc", eager_alloc):
+            eager.import_segment(first, seg.raw)
+        seg.raw.release()
+        assert not deferred._unmarked
+        assert deferred._mm[:] == eager._mm[:]  # after every import, not only at the end
+    assert deferred_runs  # reclaimed runs whose marks were deferred
+    assert contents(deferred) == contents(eager)
+    deferred.close()
+    eager.close()
+    src.close()
+    assert (tmp_path / "a" / "galera.cache").read_bytes() == (tmp_path / "b" / "galera.cache").read_bytes()
