@@ -146,15 +146,16 @@ class Segment(NamedTuple):
     records: list[Record] | None
 
 
-def segment_payloads(raw: bytes | memoryview) -> list[memoryview]:
-    """The payload views (exact lengths, from the padding byte) of the records of a raw segment. Checks
-    the structure only (sizes, padding bytes; :meth:`GCache.import_segment` checks every header field).
-    Raises GcacheError if ``raw`` is not a sequence of whole records. (A C-speed walk as in import_segment
-    measured slower here: the cost is the one memoryview slice per record, which this loop does anyway.)"""
+def segment_spans(raw: bytes | memoryview) -> tuple[list[int], list[int]]:
+    """Where the payloads of a raw segment's records lie: ``(starts, ends)``, byte offsets into ``raw``
+    (exact lengths, from the padding byte). Checks the structure only (sizes, padding bytes;
+    :meth:`GCache.import_segment` checks every header field). Raises GcacheError if ``raw`` is not a
+    sequence of whole records."""
     mv = _byte_view(raw)
     n = len(mv)
-    out: list[memoryview] = []
-    append = out.append
+    starts: list[int] = []
+    ends: list[int] = []
+    add_start, add_end = starts.append, ends.append
     size_of = _U32.unpack_from
     off = 0
     while off < n:
@@ -167,9 +168,17 @@ def segment_payloads(raw: bytes | memoryview) -> list[memoryview]:
         pad = mv[end - 1]
         if not 1 <= pad <= ALIGNMENT:
             raise GcacheError(f"raw segment: bad padding byte {pad} in the record at byte {off}")
-        append(mv[off + BH_SIZE:end - pad])
+        add_start(off + BH_SIZE)
+        add_end(end - pad)
         off = end
-    return out
+    return starts, ends
+
+
+def segment_payloads(raw: bytes | memoryview) -> list[memoryview]:
+    """The payload views of the records of a raw segment (see :func:`segment_spans`, which checks it)."""
+    mv = _byte_view(raw)
+    starts, ends = segment_spans(mv)
+    return list(map(mv.__getitem__, map(slice, starts, ends)))
 
 
 def _byte_view(raw: bytes | memoryview) -> memoryview:

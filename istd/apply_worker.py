@@ -9,7 +9,7 @@ Pipe protocol (parent -> child on stdin, child -> parent on stdout, little-endia
 
     request:  u32 body_len | i64 first | u32 count | u8 kind | body
               kind 0 (a BATCH):   u8[count] types | u32[count] sizes | data
-              kind 1 (a SEGMENT): gcache records as they lie on disk (gcache.segment_payloads reads them)
+              kind 1 (a SEGMENT): gcache records as they lie on disk (gcache.segment_spans finds the payloads)
     reply:    i64 last_applied                                  (>= 0: the batch is committed)
               i64 -1 | u32 len | utf-8 message                  (the batch failed; nothing of it committed)
 
@@ -57,7 +57,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 
 def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: BinaryIO, stdout: BinaryIO) -> int:
-    from gcache import segment_payloads
+    from gcache import segment_spans
     from istd.applier import open_applier
     from istd.errors import IstError
 
@@ -72,19 +72,28 @@ def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: Bina
             if rest is None:
                 return 0
             view = memoryview(rest)
-            if kind == KIND_SEGMENT:
-                records = [(first + i, TRX, p) for i, p in enumerate(segment_payloads(view))]
-            else:
-                types = bytes(view[:count])
-                sizes = array("I")
-                sizes.frombytes(view[count:count * 5])
-                pos = count * 5
-                records = []
-                for i, size in enumerate(sizes):
-                    records.append((first + i, types[i], view[pos:pos + size]))
-                    pos += size
+            records: list[tuple[int, int, memoryview]] = []
             try:
-                applier.apply(cluster_uuid, records)
+                if kind == KIND_SEGMENT:
+                    starts, ends = segment_spans(rest)
+                    if len(starts) != count:
+                        raise IstError(f"a segment of {len(starts)} write-sets was announced as {count}")
+                    run = getattr(applier, "apply_trx_run", None)
+                    if run is not None:  # the fast path: no view or tuple per write-set
+                        run(cluster_uuid, first, rest, starts, ends)
+                    else:
+                        spans = zip(starts, ends, strict=True)
+                        records = [(first + i, TRX, view[a:b]) for i, (a, b) in enumerate(spans)]
+                else:
+                    types = bytes(view[:count])
+                    sizes = array("I")
+                    sizes.frombytes(view[count:count * 5])
+                    pos = count * 5
+                    for i, size in enumerate(sizes):
+                        records.append((first + i, types[i], view[pos:pos + size]))
+                        pos += size
+                if records:
+                    applier.apply(cluster_uuid, records)
             except IstError as exc:
                 message = str(exc).encode("utf-8", "replace")
                 stdout.write(REPLY.pack(-1) + ERROR_LEN.pack(len(message)) + message)

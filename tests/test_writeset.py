@@ -13,8 +13,10 @@ from istd.writeset import (
     MIN_SYNTHETIC_BYTES,
     Op,
     RowChange,
+    WriteSetDecodeError,
     WriteSetError,
     decode,
+    decode_many,
     decode_rows,
     decode_with_construct,
     encode,
@@ -224,6 +226,71 @@ def test_mutated_writesets(changes: list[RowChange], data: st.DataObject) -> Non
     if i < len(good):
         _same_verdict(good[:i] + bytes([b]) + good[i + 1 :])  # replaced byte
         _same_verdict(good[:i] + good[i + 1 :])  # dropped byte
+
+
+# -- decode_many: many write-sets in one buffer ----------------------------------------------------
+
+
+def _expected_many(payloads: list[bytes]) -> tuple[list[tuple[Op, str, bytes, bytes]], int | None]:
+    """decode_rows on each in turn: the changes, and the index of the first malformed one (or None)."""
+    out: list[tuple[Op, str, bytes, bytes]] = []
+    for i, p in enumerate(payloads):
+        try:
+            out.extend(decode_rows(p))
+        except WriteSetError:
+            return out, i
+    return out, None
+
+
+one_change_sets = st.lists(row_changes(), min_size=1, max_size=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(one_change_sets | changesets, max_size=6), st.data())
+def test_decode_many_is_decode_rows_on_each(sets: list[list[RowChange]], data: st.DataObject) -> None:
+    """Write-sets, some mutated, lie in one buffer with arbitrary bytes between them (what lies past a
+    write-set's end must never be read as part of it): decode_many gives what decode_rows gives on each."""
+    payloads = []
+    for changes in sets:
+        p = encode(changes)
+        if data.draw(st.booleans()):
+            i = data.draw(st.integers(0, len(p)))
+            b = data.draw(st.integers(0, 255))
+            p = data.draw(st.sampled_from([p[:i], p[:i] + bytes([b]) + p[i + 1:], p + bytes([b])]))
+        payloads.append(p)
+    buf, starts, ends = b"", [], []
+    for p in payloads:
+        buf += data.draw(st.binary(max_size=8))
+        starts.append(len(buf))
+        buf += p
+        ends.append(len(buf))
+    buf += data.draw(st.binary(max_size=8))
+    changes, bad = _expected_many(payloads)
+    if bad is None:
+        assert decode_many(buf, starts, ends) == changes
+    else:
+        with pytest.raises(WriteSetDecodeError) as info:
+            decode_many(buf, starts, ends)
+        assert info.value.index == bad
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 6, 7, 10])
+def test_decode_many_does_not_read_past_the_end(cut: int) -> None:
+    """A write-set cut short, followed by exactly the bytes it lacks: malformed, as decode_rows says."""
+    whole = encode([RowChange(Op.UPSERT, "t", b"key", b"value")])
+    assert decode_many(whole, [0], [len(whole)]) == decode_rows(whole)
+    with pytest.raises(WriteSetDecodeError) as info:
+        decode_many(whole, [0], [len(whole) - cut])
+    assert info.value.index == 0
+    with pytest.raises(WriteSetError):
+        decode_rows(whole[:-cut])
+
+
+def test_decode_many_offsets_must_pair() -> None:
+    whole = encode([RowChange(Op.UPSERT, "t", b"key", b"value")])
+    with pytest.raises(WriteSetDecodeError):
+        decode_many(whole, [0, 0], [len(whole)])
+    assert decode_many(b"", [], []) == []
 
 
 # -- synthetic ------------------------------------------------------------------------------------
