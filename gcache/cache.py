@@ -54,7 +54,7 @@ import uuid
 import zlib
 from array import array
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, repeat
 from operator import sub
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -172,6 +172,13 @@ def segment_spans(raw: bytes | memoryview) -> tuple[list[int], list[int]]:
         add_end(end - pad)
         off = end
     return starts, ends
+
+
+def segment_types(raw: bytes | memoryview, starts: Sequence[int]) -> bytes:
+    """The type byte (WRITESET, CCHANGE, ...) of each record of a raw segment, given its payload ``starts``
+    from :func:`segment_spans`."""
+    mv = _byte_view(raw)
+    return bytes(map(mv.__getitem__, map(sub, starts, repeat(1))))  # the header's last byte
 
 
 def segment_payloads(raw: bytes | memoryview) -> list[memoryview]:

@@ -32,7 +32,6 @@ from typing import BinaryIO
 REQUEST = struct.Struct("<IqIB")
 KIND_BATCH = 0
 KIND_SEGMENT = 1
-TRX = 4  # protocol RecordType.TRX: what a segment's records are (istd writes no other kind to its ring)
 REPLY = struct.Struct("<q")
 ERROR_LEN = struct.Struct("<I")
 
@@ -57,9 +56,12 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 
 def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: BinaryIO, stdout: BinaryIO) -> int:
-    from gcache import segment_spans
-    from istd.applier import open_applier
+    from gcache import CCHANGE, WRITESET, segment_spans, segment_types
+    from istd.applier import RECORD_CCHANGE, RECORD_TRX, open_applier
     from istd.errors import IstError
+
+    # gcache's record types as the applier's (as istd/node.py maps them): a CCHANGE only advances the position
+    record_types = bytes(RECORD_CCHANGE if t == CCHANGE else RECORD_TRX for t in range(256))
 
     applier = open_applier(applier_name, datadir)
     try:
@@ -78,12 +80,14 @@ def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: Bina
                     starts, ends = segment_spans(rest)
                     if len(starts) != count:
                         raise IstError(f"a segment of {len(starts)} write-sets was announced as {count}")
+                    types = segment_types(rest, starts)
                     run = getattr(applier, "apply_trx_run", None)
-                    if run is not None:  # the fast path: no view or tuple per write-set
-                        run(cluster_uuid, first, rest, starts, ends)
+                    if run is not None and types.count(WRITESET) == count:  # the fast path: no view or tuple
+                        run(cluster_uuid, first, rest, starts, ends)  # per write-set
                     else:
+                        types = types.translate(record_types)
                         spans = zip(starts, ends, strict=True)
-                        records = [(first + i, TRX, view[a:b]) for i, (a, b) in enumerate(spans)]
+                        records = [(first + i, types[i], view[a:b]) for i, (a, b) in enumerate(spans)]
                 else:
                     types = bytes(view[:count])
                     sizes = array("I")
