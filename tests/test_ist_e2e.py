@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import signal
+import socket
+import struct
 import threading
+import time
+import uuid
+import zlib
 from pathlib import Path
 
 import pytest
 
 from istd import exitcodes
+from protocol import (
+    SUPPORTED_VERSIONS,
+    Accept,
+    Connection,
+    Handshake,
+    HandshakeResponse,
+    RefusalReason,
+    Role,
+    TransferKind,
+)
 
-from .procs import Cluster, cluster, digest, load, run_istd, seed_joiner, wait_until
+from .procs import Cluster, Daemon, cluster, digest, load, run_istd, seed_joiner, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -239,3 +256,104 @@ def test_relative_datadir_and_digest_in_status(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+# -- hostile clients against a real donor process ---------------------------------------------------------
+
+HOSTILE_TIMEOUT_SECONDS = 60
+
+
+def _hostile_socket(donor: Daemon) -> socket.socket:
+    host, port = donor.ist.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=HOSTILE_TIMEOUT_SECONDS)
+    return s
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            data += chunk
+    s.close()
+    return data
+
+
+def _handshake(cluster_uuid: uuid.UUID) -> Handshake:
+    return Handshake(cluster_uuid=cluster_uuid, last_applied=0, first=1, last=-1, accept=Accept.IST,
+                     versions=SUPPORTED_VERSIONS, node_name="hostile")
+
+
+def _hostile_handshake(cluster_uuid: uuid.UUID) -> bytes:
+    return Connection(Role.JOINER).send(_handshake(cluster_uuid))
+
+
+def test_hostile_clients_are_dropped_and_never_disturb_a_transfer(tmp_path: Path) -> None:
+    """Garbage bytes, a wrong uuid, an oversize frame, a client that stalls and one that trickles, all against a
+    real `istd donor` while a real `istd joiner` catches up from it: each is answered or dropped with a line
+    in the donor's log, the donor keeps running, and the joiner ends with the donor's digest."""
+    with cluster(tmp_path) as c:
+        donor = c.donor("donor", "--bootstrap", "--sst-listen", "none",
+                        "--provider-options", "ist.handshake_timeout=PT2S").start()
+        donor.wait_synced()
+        joiner = c.joiner("joiner", donor)
+        seed_joiner(joiner, donor)
+        load(donor, 20_000, size=300)
+        donor_uuid = uuid.UUID(json.loads(run_istd("grastate", "show", str(donor.datadir), "--json").stdout)["uuid"])
+        results: dict[str, bytes] = {}
+
+        def garbage() -> None:
+            s = _hostile_socket(donor)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+            results["garbage"] = _until_closed(s)
+
+        def wrong_uuid() -> None:
+            s = _hostile_socket(donor)
+            s.sendall(_hostile_handshake(uuid.uuid4()))
+            results["wrong_uuid"] = _until_closed(s)
+
+        def oversize() -> None:
+            s = _hostile_socket(donor)
+            head = struct.pack("<BBBbIq", 1, 1, 0, 0, 1 << 31, -1)
+            s.sendall(head + struct.pack("<II", zlib.crc32(head), 0))
+            results["oversize"] = _until_closed(s)
+
+        def stall() -> None:
+            results["stall"] = _until_closed(_hostile_socket(donor))
+
+        def trickle() -> None:
+            s = _hostile_socket(donor)
+            try:
+                for byte in _hostile_handshake(donor_uuid):
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                s.close()
+                results["trickle"] = b"dropped while trickling"
+                return
+            results["trickle"] = _until_closed(s)
+
+        attackers = [threading.Thread(target=f) for f in (garbage, wrong_uuid, oversize, stall, trickle)]
+        for t in attackers:
+            t.start()
+        joiner.start()
+        assert joiner.wait_exit() == exitcodes.OK, joiner.log()
+        for t in attackers:
+            t.join(HOSTILE_TIMEOUT_SECONDS)
+            assert not t.is_alive()
+        assert donor.proc is not None and donor.proc.poll() is None  # still serving
+        assert digest(joiner.datadir) == digest(donor.datadir)
+
+        assert results["stall"] == b""  # dropped at the handshake timeout, told nothing
+        refused = Connection(Role.JOINER)
+        refused.send(_handshake(uuid.uuid4()))
+        refused.receive_data(results["wrong_uuid"])
+        response = refused.next_event()
+        assert isinstance(response, HandshakeResponse)
+        assert response.granted is TransferKind.NONE and response.reason is RefusalReason.UUID_MISMATCH
+        status = donor.status() or {}
+        assert status["istd_ist_refused"] == 1
+        assert status["istd_ist_failed"] >= 4  # garbage, oversize, stall, trickle
+        assert status["istd_ist_served"] == 1
+        failures = [m for m in donor.messages() if m.startswith("async IST sender failed to serve ")]
+        assert len(failures) >= 4, donor.log()
+        assert any(m.startswith("IST refused to hostile: ") for m in donor.messages()), donor.log()
