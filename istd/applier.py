@@ -35,6 +35,10 @@ Implement the ``Applier`` protocol and register a factory ``(datadir: Path) -> A
 ``close()``
     release the store; idempotent.
 
+Optional, for speed: ``apply_trx_run(cluster_uuid, first, buf, starts, ends)`` applies write-sets (all
+``RECORD_TRX``) ``first, first + 1, ...`` lying at ``buf[starts[i]:ends[i]]``, with ``apply``'s checks and
+outcomes; the apply worker calls it for a gcache segment instead of building a record per write-set.
+
 Methods may be called from different threads (the daemon applies in a worker thread with
 ``trio.to_thread.run_sync`` while status requests read ``digest``/``position`` from the trio
 thread); each applier serialises its own calls.
