@@ -471,13 +471,13 @@ class Cluster:
         if writer is None:
             raise JoinFailed("no writer reachable among the peers: is the bootstrapped node running?", 3)
         host, port = _hostport(writer.group)
-        with trio.fail_after(node.options["ist.connect_timeout"]):
+        with trio.fail_after(node.options.limits.connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
         try:
             conn = IstConnection(Role.JOINER)
-            receive = EventReader(stream, conn, node.options["ist.idle_timeout"])
+            receive = EventReader(stream, conn, node.options.limits.idle_timeout)
             local = joiner.received_upto
-            with trio.fail_after(node.options["ist.handshake_timeout"]):
+            with trio.fail_after(node.options.limits.handshake_timeout):
                 await stream.send_all(conn.send(Handshake(
                     cluster_uuid=node.uuid, last_applied=local, first=local + 1, last=-1, accept=Accept.IST,
                     versions=SUPPORTED_VERSIONS, node_name=node.name, follow=True, segments=True,
@@ -573,7 +573,7 @@ class Cluster:
             await joiner.take(WriteSetBatch.from_payloads(event.seqno, bytes([event.type]), [event.payload]))
 
     async def _send_ctrl(self, stream: trio.SocketStream, conn: IstConnection) -> None:
-        keepalive = self.node.options["ist.keepalive_period"]
+        keepalive = self.node.options.limits.keepalive_period
         while True:
             with trio.move_on_after(keepalive):
                 code = await self._ctrl_recv.receive()

@@ -124,6 +124,27 @@ class ProviderOptions:
         """(key, effective, default, source, meaning) for `istd config show`."""
         return [(k, self.raw[k], OPTIONS[k].default, self.sources[k], OPTIONS[k].help) for k in sorted(OPTIONS)]
 
+    @property
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            connect_timeout=self["ist.connect_timeout"],
+            handshake_timeout=self["ist.handshake_timeout"],
+            idle_timeout=self["ist.idle_timeout"],
+            keepalive_period=self["ist.keepalive_period"],
+            max_frame_bytes=self["ist.max_frame_size"],
+        )
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The ist.* limits every IST and SST connection keeps to, at both ends (seconds; bytes)."""
+
+    connect_timeout: float
+    handshake_timeout: float
+    idle_timeout: float
+    keepalive_period: float
+    max_frame_bytes: int
+
 
 def parse_provider_options(text: str | None, *, origin: str = "--provider-options") -> dict[str, str]:
     """``"a=1; b = 2"`` -> {"a": "1", "b": "2"}, each key known and each value valid."""

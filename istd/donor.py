@@ -146,11 +146,8 @@ class IstServer:
         self.node = node
         self.label = label
         opts = node.options
-        self.handshake_timeout: float = opts["ist.handshake_timeout"]
-        self.idle_timeout: float = opts["ist.idle_timeout"]
-        self.keepalive_period: float = opts["ist.keepalive_period"]
+        self.limits = opts.limits
         self.batch_bytes: int = opts["ist.batch_size"]
-        self.max_frame_bytes: int = opts["ist.max_frame_size"]
         self.active: dict[int, TransferStats] = {}
         # hooks for the cluster mode (istd/cluster.py): another first message than HANDSHAKE (STATUS_REQUEST),
         # another decision for a replication subscription, and the subscriber's flow-control Ctrl codes
@@ -231,7 +228,7 @@ class _Sender:
         self.stream = stream
         self.conn_id = conn_id
         self.peer = peer
-        self.conn = IstConnection(Role.DONOR, max_frame_bytes=server.max_frame_bytes)
+        self.conn = IstConnection(Role.DONOR, max_frame_bytes=server.limits.max_frame_bytes)
         self.locked: int | None = None
         self.eof_sent = False
         self.joiner_closed = trio.Event()
@@ -245,7 +242,7 @@ class _Sender:
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
-        with trio.fail_after(self.server.idle_timeout):
+        with trio.fail_after(self.server.limits.idle_timeout):
             await self.stream.send_all(data)
 
     async def send_error(self, exc: BaseException) -> None:
@@ -269,7 +266,7 @@ class _Sender:
     # --------------------------------------------------------------- the conversation
 
     async def run(self) -> None:
-        with trio.fail_after(self.server.handshake_timeout):
+        with trio.fail_after(self.server.limits.handshake_timeout):
             hs = await self._next_event()
             hook = self.server.on_first_event
             if hook is not None and not isinstance(hs, Handshake) and await hook(self, hs):
@@ -340,7 +337,7 @@ class _Sender:
                 self.eof_sent = True
                 self.release()
                 # Galera: the sender waits for the joiner to close after EOF.
-                with trio.move_on_after(self.server.idle_timeout):
+                with trio.move_on_after(self.server.limits.idle_timeout):
                     await self.joiner_closed.wait()
             nursery.cancel_scope.cancel()
         if self.watch_error is not None:
@@ -384,7 +381,7 @@ class _Sender:
                 continue
             count = seg.last - seg.first + 1
             data = self.conn.send(Segment(seg.first, count, seg.raw))
-            with trio.fail_after(self.server.idle_timeout):
+            with trio.fail_after(self.server.limits.idle_timeout):
                 await self.stream.send_all(data)
             self._count_sent(stats, count, len(data))
             sent += len(data)
@@ -403,7 +400,7 @@ class _Sender:
         batch = WriteSetBatch.from_payloads(first, types, [r.payload for r in records])
         data = self.conn.send(batch)
         del batch
-        with trio.fail_after(self.server.idle_timeout):
+        with trio.fail_after(self.server.limits.idle_timeout):
             await self.stream.send_all(data)
         self._count_sent(stats, len(records), len(data))
         return len(data)
@@ -412,7 +409,7 @@ class _Sender:
         """Follow mode: keep streaming new write-sets as the node commits them; keepalive when idle."""
         committed = self.node.committed
         while True:
-            with trio.move_on_after(self.server.keepalive_period):
+            with trio.move_on_after(self.server.limits.keepalive_period):
                 await committed.wait_above(nxt - 1)
             upto = committed.value
             if upto < nxt:
@@ -430,7 +427,7 @@ class _Sender:
         """
         try:
             while True:
-                with trio.move_on_after(self.server.idle_timeout) as idle:
+                with trio.move_on_after(self.server.limits.idle_timeout) as idle:
                     event = await self._next_event()
                 if idle.cancelled_caught:
                     if self.eof_sent:

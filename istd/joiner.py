@@ -200,11 +200,7 @@ class Joiner:
         self.on_caught_up = on_caught_up
         self.on_applied = on_applied
         opts = node.options
-        self.connect_timeout: float = opts["ist.connect_timeout"]
-        self.handshake_timeout: float = opts["ist.handshake_timeout"]
-        self.idle_timeout: float = opts["ist.idle_timeout"]
-        self.keepalive_period: float = opts["ist.keepalive_period"]
-        self.max_frame_bytes: int = opts["ist.max_frame_size"]
+        self.limits = opts.limits
         self.retry_max: float = opts["ist.retry_max"]
         self.queue = RecvQueue(opts["ist.recv_queue_size"])
         self.received_upto = node.last_committed  # last seqno stored in gcache and queued
@@ -412,7 +408,7 @@ class Joiner:
     async def _transfer(self, host: str, port: int) -> None:
         donor = f"{host}:{port}"
         self.counters["istd_ist_attempts"] += 1
-        with trio.fail_after(self.connect_timeout):
+        with trio.fail_after(self.limits.connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
         with structlog.contextvars.bound_contextvars(role="joiner", peer=f"tcp://{donor}"):
             try:
@@ -422,10 +418,10 @@ class Joiner:
 
     async def _converse(self, stream: trio.SocketStream, donor: str) -> None:
         node = self.node
-        conn = IstConnection(Role.JOINER, max_frame_bytes=self.max_frame_bytes)
-        receive = EventReader(stream, conn, self.idle_timeout)
+        conn = IstConnection(Role.JOINER, max_frame_bytes=self.limits.max_frame_bytes)
+        receive = EventReader(stream, conn, self.limits.idle_timeout)
         last_applied = self.received_upto
-        with trio.fail_after(self.handshake_timeout):
+        with trio.fail_after(self.limits.handshake_timeout):
             await stream.send_all(conn.send(Handshake(
                 cluster_uuid=node.uuid, last_applied=last_applied, first=last_applied + 1,
                 last=-1 if self.target_last is None else self.target_last,
@@ -515,8 +511,8 @@ class Joiner:
 
     async def _keepalive_loop(self, stream: trio.SocketStream, conn: IstConnection) -> None:
         while True:
-            await trio.sleep(self.keepalive_period)
-            with trio.fail_after(self.idle_timeout):
+            await trio.sleep(self.limits.keepalive_period)
+            with trio.fail_after(self.limits.idle_timeout):
                 await stream.send_all(conn.send(Keepalive()))
 
     # ------------------------------------------------------------------------------ apply side

@@ -199,11 +199,7 @@ class SstServer:
 
     def __init__(self, node: LocalNode) -> None:
         self.node = node
-        opts = node.options
-        self.handshake_timeout: float = opts["ist.handshake_timeout"]
-        self.idle_timeout: float = opts["ist.idle_timeout"]
-        self.keepalive_period: float = opts["ist.keepalive_period"]
-        self.max_frame_bytes: int = opts["ist.max_frame_size"]
+        self.limits = node.options.limits
         self.port: int | None = None
         self.active: dict[int, Progress] = {}
         self.counters = {"istd_sst_served": 0, "istd_sst_failed": 0, "istd_sst_refused": 0,
@@ -244,7 +240,7 @@ class SstServer:
         peer = peer_url(stream)
         tmp = self.node.datadir / f"istd-sst-{conn_id}.sqlite{SNAPSHOT_SUFFIX}"
         with structlog.contextvars.bound_contextvars(role="sst-donor", peer=peer, conn_id=conn_id):
-            conn = IstConnection(Role.DONOR, max_frame_bytes=self.max_frame_bytes)
+            conn = IstConnection(Role.DONOR, max_frame_bytes=self.limits.max_frame_bytes)
             try:
                 await self._serve_one(stream, conn, conn_id, peer, tmp)
             except Exception as exc:  # one bad connection never takes down the listener
@@ -262,7 +258,7 @@ class SstServer:
 
     async def _serve_one(self, stream: trio.SocketStream, conn: IstConnection, conn_id: int, peer: str,
                          tmp: Path) -> None:
-        with trio.fail_after(self.handshake_timeout):
+        with trio.fail_after(self.limits.handshake_timeout):
             request = await next_event(stream, conn)
         if not isinstance(request, SstRequest):
             raise RemoteProtocolError(f"expected SST_REQUEST, got {type(request).__name__}")
@@ -291,7 +287,7 @@ class SstServer:
                      uuid=str(cluster_uuid), seqno=seqno, bytes=progress.total)
             digest = await self._send_file(stream, conn, tmp, progress)
             await self._send(stream, conn, SstEnd(digest))
-            with trio.move_on_after(self.idle_timeout):  # the joiner closes once it has it all
+            with trio.move_on_after(self.limits.idle_timeout):  # the joiner closes once it has it all
                 while not isinstance(await next_event(stream, conn), ConnectionClosed):
                     pass
         finally:
@@ -317,12 +313,12 @@ class SstServer:
 
     async def _send(self, stream: trio.SocketStream, conn: IstConnection, event: Any) -> None:
         data = conn.send(event)
-        with trio.fail_after(self.idle_timeout):
+        with trio.fail_after(self.limits.idle_timeout):
             await stream.send_all(data)
 
     async def _keepalives(self, stream: trio.SocketStream, conn: IstConnection) -> None:
         while True:
-            await trio.sleep(self.keepalive_period)
+            await trio.sleep(self.limits.keepalive_period)
             await self._send(stream, conn, Keepalive())
 
     def _desync(self) -> None:
@@ -387,11 +383,7 @@ class SstClient:
 
     def __init__(self, node: LocalNode) -> None:
         self.node = node
-        opts = node.options
-        self.connect_timeout: float = opts["ist.connect_timeout"]
-        self.handshake_timeout: float = opts["ist.handshake_timeout"]
-        self.idle_timeout: float = opts["ist.idle_timeout"]
-        self.max_frame_bytes: int = opts["ist.max_frame_size"]
+        self.limits = node.options.limits
         self.progress: Progress | None = None
         self.counters = {"istd_sst_received": 0, "istd_sst_received_bytes": 0}
 
@@ -411,7 +403,7 @@ class SstClient:
         donor = f"{host}:{port}"
         path = self.path
         try:
-            with trio.fail_after(self.connect_timeout):
+            with trio.fail_after(self.limits.connect_timeout):
                 stream = await trio.open_tcp_stream(host, port)
             with structlog.contextvars.bound_contextvars(role="sst-joiner", peer=f"tcp://{donor}"):
                 try:
@@ -423,7 +415,7 @@ class SstClient:
             raise
 
     async def _receive(self, stream: trio.SocketStream, donor: str, path: Path) -> Snapshot:
-        conn = IstConnection(Role.JOINER, max_frame_bytes=self.max_frame_bytes)
+        conn = IstConnection(Role.JOINER, max_frame_bytes=self.limits.max_frame_bytes)
         await stream.send_all(conn.send(SstRequest(self.node.name)))
         begin = await self._event(stream, conn, donor)  # keepalives come while the donor backs up
         if isinstance(begin, SstRefused):
@@ -465,7 +457,7 @@ class SstClient:
     async def _event(self, stream: trio.SocketStream, conn: IstConnection, donor: str) -> Any:
         while True:
             try:
-                event = await next_event(stream, conn, self.idle_timeout)
+                event = await next_event(stream, conn, self.limits.idle_timeout)
             except RemoteProtocolError as exc:
                 if conn.peer_closed:  # cut mid-frame: the link failed, the donor did nothing wrong
                     raise trio.BrokenResourceError(f"donor {donor} closed the SST connection: {exc}") from exc
