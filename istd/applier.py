@@ -148,8 +148,6 @@ CREATE TABLE IF NOT EXISTS wsrep_position (
 # changes flattened as they are, (op, table, key, value) after (op, table, key, value). Widths from the
 # largest down: a batch's rows go through as few statements as these widths allow.
 _STATEMENT_WIDTHS = (200, 20, 1)
-
-
 _NEW_VALUE = "value = excluded.value"
 
 

@@ -82,8 +82,8 @@ def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: Bina
                         raise IstError(f"a segment of {len(starts)} write-sets was announced as {count}")
                     types = segment_types(rest, starts)
                     run = getattr(applier, "apply_trx_run", None)
-                    if run is not None and types.count(WRITESET) == count:  # the fast path: no view or tuple
-                        run(cluster_uuid, first, rest, starts, ends)  # per write-set
+                    if run is not None and types.count(WRITESET) == count:
+                        run(cluster_uuid, first, rest, starts, ends)  # no view or tuple per write-set
                     else:
                         types = types.translate(record_types)
                         spans = zip(starts, ends, strict=True)
