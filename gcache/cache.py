@@ -59,7 +59,7 @@ from operator import sub
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from istd.errors import GcacheCorrupt, GcacheError, GcacheFull, SeqnoNotInCache
+from istd.errors import BadSegment, GcacheCorrupt, GcacheError, GcacheFull, SeqnoNotInCache
 
 from . import format as fmt
 from .format import (
@@ -944,19 +944,21 @@ class GCache:
 
     # ------------------------------------------------------------------ raw segments (fast IST)
 
-    def import_segment(self, first: int, raw: bytes | memoryview) -> tuple[int, list[int]]:
+    def import_segment(self, first: int, raw: bytes | memoryview,
+                       count: int | None = None) -> tuple[int, list[int]]:
         """Append the records of ``raw``, a raw segment from :meth:`export_segments` on a node of the same
         history (GID), at ``next_seqno``, which ``first`` must equal. Returns ``(last seqno, payload
         lengths)`` (``first - 1, []`` for an empty ``raw``).
 
         Every header is checked (seqnos consecutive from ``first``, size, store RB, the istd magic, flags,
-        the padding byte, ``raw`` ending at the end of the last record) but payload crcs are not recomputed
-        (the transport has its own checksum), except the first record's: a run of another history is
-        refused rather than cached where no recovery would find it. On any of these GcacheError, and
-        nothing is appended. The records are copied into the ring a contiguous stretch at a time, split
-        only where the ring wraps or eviction stops; where locks block the ring, or a record is larger
-        than half the ring, records go to pages one by one (as :meth:`append`). GcacheFull as
-        :meth:`append_many`: the records before the failing one stay cached."""
+        the padding byte, ``raw`` ending at the end of the last record, as many records as ``count`` if it
+        is given) but payload crcs are not recomputed (the transport has its own checksum), except the
+        first record's: a run of another history is refused rather than cached where no recovery would
+        find it. On any of these BadSegment (a GcacheError), and nothing is appended. The records are
+        copied into the ring a contiguous stretch at a time, split only where the ring wraps or eviction
+        stops; where locks block the ring, or a record is larger than half the ring, records go to pages
+        one by one (as :meth:`append`). GcacheFull as :meth:`append_many`: the records before the failing
+        one stay cached."""
         self._check_writable()
         s0 = self._next_seqno
         if first != s0:
@@ -968,13 +970,17 @@ class GCache:
         mv = _byte_view(raw)
         n = len(mv)
         if n == 0:
+            if count:
+                raise BadSegment(f"import_segment: an empty run, {count} records were announced")
             return s0 - 1, []
         sizes, lens, metas = _parse_run(mv, s0)
+        if count is not None and len(lens) != count:
+            raise BadSegment(f"import_segment: the run holds {len(lens)} records, {count} were announced")
         count = len(lens)
         seqno, ctx, size, flags, store, ty = BH.unpack_from(mv, 0)
         if fmt.record_crc(self._gid_crc, seqno, size, flags, store, ty, mv[BH_SIZE:BH_SIZE + lens[0]]) \
                 != ctx & 0xFFFFFFFF:
-            raise GcacheError(f"import_segment: the checksum of seqno {s0} does not match this cache's "
+            raise BadSegment(f"import_segment: the checksum of seqno {s0} does not match this cache's "
                               f"history {self._gid}: the run belongs to another history or is damaged")
         half = self._ring_size // 2
         big: list[int] = []
@@ -1363,18 +1369,18 @@ def _parse_run_checked(mv: memoryview, first: int) -> tuple[list[int], list[int]
     s = first
     while off < n:
         if off + BH_SIZE > n:
-            raise GcacheError(f"import_segment: raw run truncated: a header at byte {off} of {n}")
+            raise BadSegment(f"import_segment: raw run truncated: a header at byte {off} of {n}")
         seqno, ctx, size, flags, store, ty = unpack(mv, off)
         if seqno != s or size <= BH_SIZE or size & 7 or store != STORE_RB or ctx >> 32 != MAGIC32 \
                 or flags > FLAGS_MAX:
-            raise GcacheError(_bad_header(off, s, seqno, ctx, size, flags, store))
+            raise BadSegment(_bad_header(off, s, seqno, ctx, size, flags, store))
         end = off + size
         if end > n:
-            raise GcacheError(f"import_segment: raw run truncated: seqno {s} at byte {off} ends at byte "
+            raise BadSegment(f"import_segment: raw run truncated: seqno {s} at byte {off} ends at byte "
                               f"{end}, the run at {n}")
         pad = mv[end - 1]
         if not 1 <= pad <= ALIGNMENT:
-            raise GcacheError(f"import_segment: bad padding byte {pad} in seqno {s} at byte {off}")
+            raise BadSegment(f"import_segment: bad padding byte {pad} in seqno {s} at byte {off}")
         sizes.append(size)
         lens.append(size - BH_SIZE - pad)
         metas.append((ty & 0xFF) | (flags & SKIPPED) << 7)

@@ -7,7 +7,8 @@
     ├── GcacheError              (gcache/: the write-set cache file)
     │   ├── GcacheCorrupt        the file cannot be trusted and recovery could not save it
     │   ├── SeqnoNotInCache      a seqno outside [seqno_min, seqno_max]
-    │   └── GcacheFull           no room: the ring is full of locked buffers and pages are off
+    │   ├── GcacheFull           no room: the ring is full of locked buffers and pages are off
+    │   └── BadSegment           a raw segment to import is not valid records of this history
     ├── StateError               (grastate.dat, the data directory lock)
     │   ├── StateFileCorrupt
     │   └── DatadirLocked
@@ -62,6 +63,11 @@ class SeqnoNotInCache(GcacheError, KeyError):
 
 class GcacheFull(GcacheError):
     """No space for a new write-set: the ring is full of locked buffers and page overflow failed."""
+
+
+class BadSegment(GcacheError):
+    """A raw segment given to ``import_segment`` is not a run of valid records of this cache's history (what a
+    broken or hostile donor would send); nothing of it was appended."""
 
 
 class StateError(IstError):

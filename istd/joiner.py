@@ -36,7 +36,7 @@ import trio
 from istd import exitcodes
 from istd.applier import ApplyError
 from istd.apply_worker import ERROR_LEN, REPLY, encode_request, encode_segment_request
-from istd.errors import IstError, ProtocolError, RemoteProtocolError
+from istd.errors import BadSegment, IstError, ProtocolError, RemoteProtocolError
 from istd.node import LocalNode
 from istd.sst import SnapshotRefused, SstClient
 from istd.states import NodeState
@@ -497,7 +497,10 @@ class Joiner:
 
     async def take_segment(self, segment: Segment) -> None:
         blob = memoryview(segment.blob)
-        self.node.store_segment(segment.first, blob)
+        try:
+            self.node.store_segment(segment.first, segment.count, blob)
+        except BadSegment as exc:  # the donor's bytes, not our cache: nothing was stored
+            raise RemoteProtocolError(f"SEGMENT at seqno {segment.first}: {exc}") from exc
         await self._received(Received(segment.first, segment.count, len(blob), blob=blob))
 
     async def _received(self, item: Received) -> None:

@@ -289,9 +289,10 @@ class LocalNode:
         self.counters["wsrep_received"] += len(payloads)
         self.counters["wsrep_received_bytes"] += nbytes
 
-    def store_segment(self, first: int, blob: memoryview) -> None:
-        """Store a run of records received in gcache's on-disk form (same history: one copy, no re-encoding)."""
-        last, lengths = self.gcache.import_segment(first, blob)
+    def store_segment(self, first: int, count: int, blob: memoryview) -> None:
+        """Store a run of ``count`` records received in gcache's on-disk form (same history: one copy, no
+        re-encoding). BadSegment if ``blob`` is not that (nothing is stored then)."""
+        last, lengths = self.gcache.import_segment(first, blob, count)
         self.counters["wsrep_received"] += last - first + 1
         self.counters["wsrep_received_bytes"] += sum(lengths)
 

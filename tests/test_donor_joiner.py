@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid
 import zlib
@@ -12,22 +13,27 @@ import pytest
 import structlog
 import trio
 
+from istd import exitcodes
 from istd.config import resolve
 from istd.donor import IstServer, decide_ist, safe_ist_seqno
 from istd.joiner import Joiner, JoinFailed
 from istd.node import LocalNode
 from istd.states import NodeState
+from istd.trioutil import next_event
 from istd.writeset import synthetic
 from protocol import (
+    C_OK,
     NEED_DATA,
     SUPPORTED_VERSIONS,
     Accept,
     Connection,
+    ConnectionClosed,
     Ctrl,
     Handshake,
     HandshakeResponse,
     RefusalReason,
     Role,
+    Segment,
     TransferKind,
 )
 
@@ -263,3 +269,50 @@ async def test_donor_behind_the_requested_range_waits_for_its_own_replication(
         joiner.close()
     assert joiner.last_committed == target
     assert server.counters["istd_ist_served"] == 1
+
+
+@pytest.mark.parametrize("fault", ["bad record size", "fewer records than announced"])
+async def test_a_segment_of_bad_records_is_a_protocol_error_and_stores_nothing(
+        tmp_path: Path, donor: tuple[LocalNode, IstServer, int], fault: str) -> None:
+    """A donor whose SEGMENT is not the records it announces: the joiner says so in one line, exits with the
+    protocol error code, and its gcache and position are as they were."""
+    node, _server, _port = donor
+    (seg,) = node.gcache.export_segments(1, 100)
+    assert seg.raw is not None
+    raw = bytearray(seg.raw)
+    seg.raw.release()
+    count = 100
+    if fault == "bad record size":
+        raw[16:20] = struct.pack("<I", 12345)  # the first record's size: not a multiple of 8
+    else:
+        count = 101
+
+    async def broken_donor(stream: trio.SocketStream) -> None:
+        conn = Connection(Role.DONOR)
+        hs = await next_event(stream, conn)
+        assert isinstance(hs, Handshake) and hs.segments
+        await stream.send_all(conn.send(HandshakeResponse(
+            granted=TransferKind.IST, version=hs.versions[1], reason=RefusalReason.NONE, donor_uuid=node.uuid,
+            first=1, last=count, cached_downto=1, safe_ist_seqno=1, donor_last=count)))
+        assert await next_event(stream, conn) == Ctrl(C_OK)
+        await stream.send_all(conn.send(Segment(1, count, bytes(raw))))
+        with trio.move_on_after(5):
+            while not isinstance(await next_event(stream, conn), ConnectionClosed):
+                pass
+
+    joining = joiner_node(tmp_path, node)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                (listener,) = await nursery.start(functools.partial(trio.serve_tcp, broken_donor, 0, host="127.0.0.1"))
+                port = listener.socket.getsockname()[1]
+                with pytest.raises(JoinFailed) as info:
+                    await Joiner(joining, [("127.0.0.1", port)], retries=0).run()
+                nursery.cancel_scope.cancel()
+        assert info.value.exit_code == exitcodes.PROTOCOL
+        assert str(info.value).startswith(f"protocol error from donor 127.0.0.1:{port}: SEGMENT at seqno 1: ")
+        assert "the position" in str(info.value) and ":0 is kept" in str(info.value)
+        assert joining.last_committed == 0
+        assert joining.gcache.next_seqno == 1 and len(joining.gcache) == 0
+    finally:
+        joining.close()

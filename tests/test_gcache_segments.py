@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from gcache import CCHANGE, WRITESET, GCache, Segment, segment_payloads
 from gcache import format as fmt
 from gcache.cache import _parse_run, _parse_run_checked
-from istd.errors import GcacheError, SeqnoNotInCache
+from istd.errors import BadSegment, GcacheError, SeqnoNotInCache
 
 GID = uuid.UUID("0ba80362-e6b2-11f1-a838-fff90686b220")
 GID2 = uuid.UUID("73532c34-e6b2-11f1-8e78-379a68782da0")
@@ -467,8 +467,10 @@ def test_import_validation(tmp_path: Path, name: str, k: int, corrupt: object) -
     raw, offs = good_run()
     first, bad = corrupt(raw, offs, k)  # type: ignore[operator]
     before = (bytes(b._mm), b.statistics(), contents(b), b.next_seqno)
-    with pytest.raises(GcacheError):
+    with pytest.raises(GcacheError) as info:
         b.import_segment(first, bad)
+    # the run's own bytes are at fault (BadSegment: a donor's), or the caller's order is (not BadSegment)
+    assert isinstance(info.value, BadSegment) == (first == 4)
     assert (bytes(b._mm), b.statistics(), contents(b), b.next_seqno) == before  # nothing appended
     if first == 4 and name != "another history":  # the header checks themselves refuse it, both ways
         with pytest.raises(GcacheError):
@@ -476,6 +478,20 @@ def test_import_validation(tmp_path: Path, name: str, k: int, corrupt: object) -
         with pytest.raises(GcacheError):
             _parse_run(memoryview(bad), 4)
     assert b.import_segment(4, raw)[0] == 8  # the good run is fine
+
+
+@pytest.mark.parametrize("count", [0, 4, 6, 100])
+def test_import_refuses_a_run_of_another_count_than_announced(tmp_path: Path, count: int) -> None:
+    b = new_cache(tmp_path / "b", 8 * REC)
+    b.append_many([payload(s) for s in range(1, 4)])
+    raw, _offs = good_run()  # seqnos 4..8
+    before = (bytes(b._mm), contents(b), b.next_seqno)
+    with pytest.raises(BadSegment, match=f"the run holds 5 records, {count} were announced"):
+        b.import_segment(4, raw, count)
+    with pytest.raises(BadSegment, match="an empty run"):
+        b.import_segment(4, b"", 3)
+    assert (bytes(b._mm), contents(b), b.next_seqno) == before
+    assert b.import_segment(4, raw, 5)[0] == 8
 
 
 def test_import_refuses_when_closed_or_readonly(tmp_path: Path) -> None:
