@@ -13,6 +13,9 @@ Pipe protocol (parent -> child on stdin, child -> parent on stdout, little-endia
     reply:    i64 last_applied                                  (>= 0: the batch is committed)
               i64 -1 | u32 len | utf-8 message                  (the batch failed; nothing of it committed)
 
+``apply_segment`` and ``apply_batch`` are what the child does with a request; the joiner calls them itself,
+in a thread, for a catch-up too small to be worth starting the child (istd/joiner.py).
+
 The child applies each batch in one transaction that also records the position (istd/applier.py), so a
 crash of either process leaves data and position in agreement. It ignores SIGINT (the parent decides when
 to stop) and exits when its stdin closes, after finishing the transaction it is in. It inherits the data
@@ -26,14 +29,21 @@ import struct
 import sys
 import uuid
 from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+from gcache import CCHANGE, WRITESET, segment_spans, segment_types
+from istd.applier import RECORD_CCHANGE, RECORD_TRX, Applier, open_applier
+from istd.errors import IstError
 
 REQUEST = struct.Struct("<IqIB")
 KIND_BATCH = 0
 KIND_SEGMENT = 1
 REPLY = struct.Struct("<q")
 ERROR_LEN = struct.Struct("<I")
+# gcache's record types as the applier's (as istd/node.py maps them): a CCHANGE only advances the position
+_RECORD_TYPES = bytes(RECORD_CCHANGE if t == CCHANGE else RECORD_TRX for t in range(256))
 
 
 def encode_request(first: int, types: bytes, sizes: bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
@@ -43,6 +53,36 @@ def encode_request(first: int, types: bytes, sizes: bytes, data: bytes | memoryv
 
 def encode_segment_request(first: int, count: int, blob: bytes | memoryview) -> list[bytes | memoryview]:
     return [REQUEST.pack(REQUEST.size - 4 + len(blob), first, count, KIND_SEGMENT), blob]
+
+
+def apply_segment(applier: Applier, cluster_uuid: uuid.UUID, first: int, count: int, raw: bytes) -> None:
+    """Apply the ``count`` records of a raw gcache segment, seqnos from ``first``. IstError if they cannot
+    be applied (nothing of them is committed then)."""
+    starts, ends = segment_spans(raw)
+    if len(starts) != count:
+        raise IstError(f"a segment of {len(starts)} write-sets was announced as {count}")
+    types = segment_types(raw, starts)
+    run = getattr(applier, "apply_trx_run", None)
+    if run is not None and types.count(WRITESET) == count:
+        run(cluster_uuid, first, raw, starts, ends)  # no view or tuple per write-set
+        return
+    types = types.translate(_RECORD_TYPES)
+    view = memoryview(raw)
+    applier.apply(cluster_uuid, [(first + i, types[i], view[a:b])
+                                 for i, (a, b) in enumerate(zip(starts, ends, strict=True))])
+
+
+def apply_batch(applier: Applier, cluster_uuid: uuid.UUID, first: int, types: bytes, sizes: Sequence[int],
+                data: bytes | memoryview) -> None:
+    """Apply a BATCH: write-set ``i`` has type ``types[i]`` and ``sizes[i]`` bytes, the payloads one after the
+    other in ``data``. IstError as apply_segment."""
+    view = memoryview(data)
+    records = []
+    pos = 0
+    for i, size in enumerate(sizes):
+        records.append((first + i, types[i], view[pos:pos + size]))
+        pos += size
+    applier.apply(cluster_uuid, records)
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
@@ -56,13 +96,6 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 
 def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: BinaryIO, stdout: BinaryIO) -> int:
-    from gcache import CCHANGE, WRITESET, segment_spans, segment_types
-    from istd.applier import RECORD_CCHANGE, RECORD_TRX, open_applier
-    from istd.errors import IstError
-
-    # gcache's record types as the applier's (as istd/node.py maps them): a CCHANGE only advances the position
-    record_types = bytes(RECORD_CCHANGE if t == CCHANGE else RECORD_TRX for t in range(256))
-
     applier = open_applier(applier_name, datadir)
     try:
         while True:
@@ -70,42 +103,21 @@ def serve(datadir: Path, applier_name: str, cluster_uuid: uuid.UUID, stdin: Bina
             if head is None:
                 return 0
             body_len, first, count, kind = REQUEST.unpack(head)
-            rest = _read_exact(stdin, body_len - (REQUEST.size - 4))
-            if rest is None:
+            body = _read_exact(stdin, body_len - (REQUEST.size - 4))
+            if body is None:
                 return 0
-            view = memoryview(rest)
-            records: list[tuple[int, int, memoryview]] = []
             try:
                 if kind == KIND_SEGMENT:
-                    starts, ends = segment_spans(rest)
-                    if len(starts) != count:
-                        raise IstError(f"a segment of {len(starts)} write-sets was announced as {count}")
-                    types = segment_types(rest, starts)
-                    run = getattr(applier, "apply_trx_run", None)
-                    if run is not None and types.count(WRITESET) == count:
-                        run(cluster_uuid, first, rest, starts, ends)  # no view or tuple per write-set
-                    else:
-                        types = types.translate(record_types)
-                        spans = zip(starts, ends, strict=True)
-                        records = [(first + i, types[i], view[a:b]) for i, (a, b) in enumerate(spans)]
+                    apply_segment(applier, cluster_uuid, first, count, body)
                 else:
-                    types = bytes(view[:count])
                     sizes = array("I")
-                    sizes.frombytes(view[count:count * 5])
-                    pos = count * 5
-                    for i, size in enumerate(sizes):
-                        records.append((first + i, types[i], view[pos:pos + size]))
-                        pos += size
-                if records:
-                    applier.apply(cluster_uuid, records)
+                    sizes.frombytes(body[count:count * 5])
+                    apply_batch(applier, cluster_uuid, first, body[:count], sizes, memoryview(body)[count * 5:])
             except IstError as exc:
                 message = str(exc).encode("utf-8", "replace")
                 stdout.write(REPLY.pack(-1) + ERROR_LEN.pack(len(message)) + message)
                 stdout.flush()
                 continue
-            finally:
-                del records
-                view.release()
             stdout.write(REPLY.pack(first + count - 1))
             stdout.flush()
     finally:

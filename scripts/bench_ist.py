@@ -7,7 +7,8 @@ Prints, in one run:
   a Python/trio transfer of these bytes can reach on this machine now;
 * transfer only (`--applier none`): 100k and 1M write-sets of 500 bytes, IST rate and its ratio to the
   baseline;
-* end to end into SQLite, 100k write-sets: IST rate, and joiner launch -> caught up (process exit);
+* end to end into SQLite, 100k write-sets: IST rate, and joiner launch -> caught up (process exit); and the
+  same for a small catch-up of 5k write-sets (applied in the joiner's own process, without the worker);
 * peak RSS of each joiner (and the donor), and the 1M/100k joiner RSS ratio.
 
 The machines are noisy: compare the ratios, not the absolute numbers. Usage:
@@ -231,6 +232,8 @@ def main() -> None:
     parser.add_argument("--counts", default="100000,1000000", help="gap sizes for the transfer-only runs")
     parser.add_argument("--size", type=int, default=500, help="write-set bytes")
     parser.add_argument("--sqlite-count", type=int, default=100_000, help="gap for the end-to-end run")
+    parser.add_argument("--small-count", type=int, default=5_000,
+                        help="gap for a small end-to-end catch-up (applied without the worker process); 0: none")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     root = Path(tempfile.mkdtemp(prefix="istd-bench-"))
@@ -245,7 +248,8 @@ def main() -> None:
         bench = Bench(root, args.size)
         rows = []
         donors = {}
-        for count in sorted({*counts, args.sqlite_count}):
+        small = [args.small_count] if args.small_count else []
+        for count in sorted({*counts, args.sqlite_count, *small}):
             donors[count] = bench.prepare_donor(count)
         base_bytes = max(counts) * args.size
         base_s = baseline(base_bytes)
@@ -253,7 +257,8 @@ def main() -> None:
         sqlite_raw, sqlite_applier = sqlite_ceiling(args.sqlite_count, args.size)
         for count in counts:
             rows.append(bench.transfer(*donors[count], count, "none"))
-        rows.append(bench.transfer(*donors[args.sqlite_count], args.sqlite_count, "sqlite"))
+        for count in (args.sqlite_count, *small):
+            rows.append(bench.transfer(*donors[count], count, "sqlite"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -272,7 +277,7 @@ def main() -> None:
         print(f"{name:<26} {r['count']:>10,} {r['ist_seconds']:>7.2f} {r['rate']:>10,} {r['mb_per_s']:>7.1f} "
               f"{r['rate'] / base_rate:>10.2f} {r['launch_to_caught_up']:>19.2f} {r['joiner_rss'] / mib:>13.1f} "
               f"{r['joiner_anon'] / mib:>9.1f} {r['donor_rss'] / mib:>12.1f}")
-        if r["applier"] == "sqlite":
+        if r["applier"] == "sqlite" and r["count"] == args.sqlite_count:
             print(f"{'':<26} end-to-end rate / SQLite alone: {r['rate'] / sqlite_raw:.2f}")
     none_rows = {r["count"]: r for r in rows if r["applier"] == "none"}
     if len(none_rows) >= 2:

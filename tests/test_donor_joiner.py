@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from istd import exitcodes
+from istd import joiner as joiner_mod
 from istd.config import resolve
 from istd.donor import IstServer, decide_ist, safe_ist_seqno
 from istd.joiner import Joiner, JoinFailed
@@ -316,3 +317,32 @@ async def test_a_segment_of_bad_records_is_a_protocol_error_and_stores_nothing(
         assert joining.gcache.next_seqno == 1 and len(joining.gcache) == 0
     finally:
         joining.close()
+
+
+@pytest.mark.parametrize("in_process_max", [GAP, GAP - 1])
+async def test_a_small_catch_up_is_applied_without_the_worker_process(
+        tmp_path: Path, donor: tuple[LocalNode, IstServer, int], monkeypatch: pytest.MonkeyPatch,
+        in_process_max: int) -> None:
+    """Up to IN_PROCESS_APPLY_MAX_WRITESETS the joiner applies in its own process (starting the worker would
+    take longer); above it, through the worker. The same state either way."""
+    node, _server, port = donor
+    monkeypatch.setattr("istd.joiner.IN_PROCESS_APPLY_MAX_WRITESETS", in_process_max)
+    started = []
+    real_start = joiner_mod.ApplyWorker.start
+
+    async def spy(cls: type[joiner_mod.ApplyWorker], n: LocalNode) -> joiner_mod.ApplyWorker:
+        started.append(n.name)
+        return await real_start(n)
+
+    monkeypatch.setattr(joiner_mod.ApplyWorker, "start", classmethod(spy))
+    with trio.fail_after(30):
+        joined = await catch_up(tmp_path, node, port)
+    assert started == ([] if in_process_max >= GAP else ["joiner"])
+    assert joined.last_committed == GAP
+    reopened = make_node(joined.datadir, "joiner")
+    reopened.open()
+    try:
+        assert reopened.applier.digest() == node.applier.digest()
+        assert reopened.applier.position() == (node.uuid, GAP)
+    finally:
+        reopened.close()
