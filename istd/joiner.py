@@ -4,7 +4,8 @@ Receive and apply are pipelined through a bounded queue (``wsrep_local_recv_queu
 
     donor --TCP--> receiver task --store in own gcache--> RecvQueue (<= ist.recv_queue_size bytes)
                                                                |
-                                             applier task <----+  (SQLite in a worker thread)
+                                             applier task <----+  (SQLite in the apply worker process,
+                                                                   or a thread for a small catch-up)
 
 so memory depends on the configured bound, never on the size of the gap, and applying starts with the
 first batch instead of after the whole stream (Galera's users asked why it waits; here it does not).
