@@ -349,10 +349,11 @@ CONVERSATION: list[tuple[Role, Event]] = [
 ]
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 2, 7, 23, 24, 25])
-def test_conversation_frame_by_frame(chunk: int | None) -> None:
+def converse(conversation: list[tuple[Role, Event]], chunk: int | None) -> dict[Role, Connection]:
+    """Play ``conversation`` between a joiner and a donor Connection, each frame delivered in pieces of
+    ``chunk`` bytes (None: whole): each arrives as exactly its event. Returns both connections."""
     conns = {Role.JOINER: Connection(Role.JOINER), Role.DONOR: Connection(Role.DONOR)}
-    for sender, event in CONVERSATION:
+    for sender, event in conversation:
         receiver = conns[Role.DONOR if sender is Role.JOINER else Role.JOINER]
         data = conns[sender].send(event)
         if chunk == 1:  # NEED_DATA on every byte but the last
@@ -364,7 +365,12 @@ def test_conversation_frame_by_frame(chunk: int | None) -> None:
             assert receiver.next_event() is NEED_DATA
         else:
             assert feed(receiver, data, chunk) == [event]
-    for conn in conns.values():
+    return conns
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 7, 23, 24, 25])
+def test_conversation_frame_by_frame(chunk: int | None) -> None:
+    for conn in converse(CONVERSATION, chunk).values():
         assert conn.state is State.DONE
         assert conn.last_seqno == 16
         conn.receive_data(b"")
@@ -937,20 +943,7 @@ SEGMENT_CONVERSATION: list[tuple[Role, Event]] = [
 
 @pytest.mark.parametrize("chunk", [None, 1, 3, 24, 27, 28, 33])
 def test_segment_conversation_frame_by_frame(chunk: int | None) -> None:
-    conns = {Role.JOINER: Connection(Role.JOINER), Role.DONOR: Connection(Role.DONOR)}
-    for sender, event in SEGMENT_CONVERSATION:
-        receiver = conns[Role.DONOR if sender is Role.JOINER else Role.JOINER]
-        data = conns[sender].send(event)
-        if chunk == 1:
-            for i in range(len(data) - 1):
-                receiver.receive_data(data[i : i + 1])
-                assert receiver.next_event() is NEED_DATA
-            receiver.receive_data(data[-1:])
-            assert receiver.next_event() == event
-            assert receiver.next_event() is NEED_DATA
-        else:
-            assert feed(receiver, data, chunk) == [event]
-    for conn in conns.values():
+    for conn in converse(SEGMENT_CONVERSATION, chunk).values():
         assert conn.segments
         assert conn.state is State.DONE and conn.last_seqno == 16
 
