@@ -12,7 +12,7 @@ import timeit
 import uuid
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import pytest
@@ -739,6 +739,17 @@ def test_eof_too_early() -> None:
     )
 
 
+def both_sides_refuse_the_grant(handshake: Handshake, grant: HandshakeResponse, raw: Mapping[str, object],
+                                match: str) -> None:
+    """After ``handshake``, the donor may not send ``grant`` and the joiner refuses the same grant sent as raw
+    bytes (its payload fields ``raw``); both say ``match``."""
+    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
+    feed(donor, joiner.send(handshake))
+    with pytest.raises(LocalProtocolError, match=match):
+        donor.send(grant)
+    expect_remote(joiner, raw_frame(FrameType.HANDSHAKE_RESPONSE, response_payload(**raw)), match)
+
+
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
@@ -748,12 +759,8 @@ def test_eof_too_early() -> None:
     ],
 )
 def test_grant_must_match_the_request(changes: dict[str, object], match: str) -> None:
-    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    feed(donor, joiner.send(HANDSHAKE))
-    with pytest.raises(LocalProtocolError, match=match):
-        donor.send(_replace(GRANTED, **changes))
     raw = {"donor_uuid": U2.bytes} if "donor_uuid" in changes else changes
-    expect_remote(joiner, raw_frame(FrameType.HANDSHAKE_RESPONSE, response_payload(**raw)), match)
+    both_sides_refuse_the_grant(HANDSHAKE, _replace(GRANTED, **changes), raw, match)
 
 
 def test_ist_grant_needs_ist_accepted() -> None:
@@ -1352,12 +1359,8 @@ def test_subscribe_grant_may_start_anywhere_from_1(first: int) -> None:
     ],
 )
 def test_subscribe_grant_checks(handshake: Handshake, changes: dict[str, object], match: str) -> None:
-    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    feed(donor, joiner.send(handshake))
-    with pytest.raises(LocalProtocolError, match=match):
-        donor.send(_replace(SUB_GRANT, **changes))
     raw = {"donor_uuid": U2.bytes, "first": 26, "last": 25} if "donor_uuid" in changes else changes
-    expect_remote(joiner, raw_frame(FrameType.HANDSHAKE_RESPONSE, response_payload(**raw)), match)
+    both_sides_refuse_the_grant(handshake, _replace(SUB_GRANT, **changes), raw, match)
 
 
 def test_subscribe_needs_ist_accepted_and_a_common_version() -> None:
