@@ -739,14 +739,21 @@ def test_eof_too_early() -> None:
     )
 
 
-def both_sides_refuse_the_grant(handshake: Handshake, grant: HandshakeResponse, raw: Mapping[str, object],
-                                match: str) -> None:
-    """After ``handshake``, the donor may not send ``grant`` and the joiner refuses the same grant sent as raw
-    bytes (its payload fields ``raw``); both say ``match``."""
+def donor_may_not_send(handshake: Handshake, grant: HandshakeResponse, match: str) -> Connection:
+    """After ``handshake``, the donor may not send ``grant`` (LocalProtocolError saying ``match``). Returns the
+    joiner, waiting for a response."""
     joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
     feed(donor, joiner.send(handshake))
     with pytest.raises(LocalProtocolError, match=match):
         donor.send(grant)
+    return joiner
+
+
+def both_sides_refuse_the_grant(handshake: Handshake, grant: HandshakeResponse, raw: Mapping[str, object],
+                                match: str) -> None:
+    """After ``handshake``, the donor may not send ``grant`` and the joiner refuses the same grant sent as raw
+    bytes (its payload fields ``raw``); both say ``match``."""
+    joiner = donor_may_not_send(handshake, grant, match)
     expect_remote(joiner, raw_frame(FrameType.HANDSHAKE_RESPONSE, response_payload(**raw)), match)
 
 
@@ -764,10 +771,7 @@ def test_grant_must_match_the_request(changes: dict[str, object], match: str) ->
 
 
 def test_ist_grant_needs_ist_accepted() -> None:
-    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    feed(donor, joiner.send(_replace(HANDSHAKE, accept=Accept.SST)))
-    with pytest.raises(LocalProtocolError, match="does not accept IST"):
-        donor.send(GRANTED)
+    donor_may_not_send(_replace(HANDSHAKE, accept=Accept.SST), GRANTED, "does not accept IST")
 
 
 # --- malformed payloads and headers --------------------------------------------------------------
@@ -1364,14 +1368,8 @@ def test_subscribe_grant_checks(handshake: Handshake, changes: dict[str, object]
 
 
 def test_subscribe_needs_ist_accepted_and_a_common_version() -> None:
-    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    feed(donor, joiner.send(_replace(HANDSHAKE_SUB, accept=Accept.SST)))
-    with pytest.raises(LocalProtocolError, match="does not accept IST"):
-        donor.send(SUB_GRANT)
-    joiner, donor = Connection(Role.JOINER), Connection(Role.DONOR)
-    feed(donor, joiner.send(_replace(HANDSHAKE_SUB, versions=(2, 3))))
-    with pytest.raises(LocalProtocolError, match=r"not in the joiner.s range"):
-        donor.send(SUB_GRANT)
+    donor_may_not_send(_replace(HANDSHAKE_SUB, accept=Accept.SST), SUB_GRANT, "does not accept IST")
+    donor_may_not_send(_replace(HANDSHAKE_SUB, versions=(2, 3)), SUB_GRANT, r"not in the joiner.s range")
 
 
 # --- cluster mode: flow control ------------------------------------------------------------------
